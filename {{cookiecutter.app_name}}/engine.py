@@ -1,0 +1,248 @@
+"""Choose the device and dtype, load the model, and stream replies that stop when told to.
+
+Generation runs in a background thread and never calls the model repo's own
+``stream_chat``: its remote code breaks on current transformers and cannot be
+cancelled. Our stopping criterion checks a per-request event at every step, so a
+Stop or a disconnect frees the slot at once.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+IM_END = "<|im_end|>"
+# InternLM2's own prompt format, used when a repo ships no chat template.
+INTERNLM2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GPU_HARDWARE = ("a10-24gb", "a100-40gb")
+
+Message = Dict[str, str]
+
+
+class InputTooLong(ValueError):
+    """The user's message alone does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: torch.dtype
+    label: str  # what the page header shows, e.g. "NVIDIA A10 · bfloat16"
+
+
+def cpu_runs_bf16_well() -> bool:
+    """bf16 is only fast on CPUs with native bf16 instructions (AVX512-BF16 or AMX)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_placement(hardware: str, requested_dtype: str = "auto") -> Placement:
+    """GPU when there is one (bf16 where supported, else fp16); CPU in bf16 or fp32, never fp16."""
+    use_cuda = torch.cuda.is_available() and hardware != "cpu"
+    if hardware in GPU_HARDWARE and not use_cuda:
+        print(f"[engine] HARDWARE={hardware} but no CUDA GPU is visible; falling back to the CPU", flush=True)
+    if requested_dtype != "auto":
+        dtype = DTYPES[requested_dtype]
+        if dtype is torch.float16 and not use_cuda:
+            raise ValueError("DTYPE=float16 does not run on the CPU — use DTYPE=auto, bfloat16 or float32")
+    elif use_cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
+    name = torch.cuda.get_device_name(0) if use_cuda else "CPU"
+    return Placement("cuda" if use_cuda else "cpu", dtype, f"{name} · {str(dtype).replace('torch.', '')}")
+
+
+def _dtype_keyword() -> str:
+    """transformers renamed torch_dtype to dtype in 4.56; pass the one this version knows."""
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generate() at the next step once the request's event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class IncrementalDecoder:
+    """Turns new token ids into new text without re-decoding the whole reply.
+
+    Decoding a short window that overlaps the previous token keeps sentencepiece's
+    leading spaces, and holding back a trailing U+FFFD keeps multi-byte characters
+    (Chinese, emoji) whole when they span several tokens.
+    """
+
+    def __init__(self, tokenizer: object, skip_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.skip_ids = set(skip_ids)
+        self.ids: List[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self.ids.extend(i for i in token_ids if i not in self.skip_ids)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+class _TextSink(BaseStreamer):
+    """The streamer generate() feeds: skips the prompt, hands each new piece of text on."""
+
+    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[object], None]) -> None:
+        self.decoder = decoder
+        self.emit = emit
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        text = self.decoder.push(value.reshape(-1).tolist())
+        if text:
+            self.emit(text)
+
+    def end(self) -> None:
+        return None
+
+
+class Generation:
+    """One reply generating in a background thread; ``cancel()`` stops it at the next token."""
+
+    DONE = object()
+
+    def __init__(self, thread: threading.Thread, cancelled: threading.Event, dropped_turns: int) -> None:
+        self.thread = thread
+        self.cancelled = cancelled
+        self.dropped_turns = dropped_turns
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, model: object, tokenizer: object, placement: Placement) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.placement = placement
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = INTERNLM2_CHAT_TEMPLATE
+        self.stop_ids = self._stop_ids()
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+
+    @classmethod
+    def load(cls, path: Path, hardware: str, requested_dtype: str = "auto") -> "Engine":
+        placement = choose_placement(hardware, requested_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        kwargs = {_dtype_keyword(): placement.dtype}
+        if placement.device == "cuda":
+            kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model.eval()
+        return cls(model, tokenizer, placement)
+
+    def _stop_ids(self) -> List[int]:
+        """eos and <|im_end|>, whatever generation_config.json lists: repos often list eos alone."""
+        ids = set()
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        ids.add(self.tokenizer.eos_token_id)
+        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if isinstance(i, int))
+
+    def encode_chat(self, messages: List[Message]) -> List[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def fit_prompt(self, system: str, history: List[Message], message: str, max_new_tokens: int) -> Tuple[List[int], int]:
+        """Drop the oldest turns until prompt + reply fit the context; return ids and turns dropped."""
+        budget = self.context_length - min(max_new_tokens, self.context_length // 2)
+        head = [{"role": "system", "content": system}] if system else []
+        tail = [{"role": "user", "content": message}]
+        dropped = 0
+        while True:
+            ids = self.encode_chat(head + history + tail)
+            if len(ids) <= budget:
+                return ids, dropped
+            if not history:
+                raise InputTooLong(
+                    f"The message is too long: {len(ids)} tokens, and this model reads at most {budget}. "
+                    "Please shorten it."
+                )
+            # Drop through the next user turn so the history still starts with the user.
+            cut = next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
+            history = history[cut:]
+            dropped += 1
+
+    def start(
+        self,
+        ids: List[int],
+        emit: Callable[[object], None],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+        dropped_turns: int = 0,
+    ) -> Generation:
+        """Start generating; ``emit`` gets each text piece, then an exception or Generation.DONE."""
+        cancelled = threading.Event()
+        device = self.model.device
+        input_ids = torch.tensor([ids], device=device)
+        sampling: Dict[str, object] = {"do_sample": False}
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max(1, min(max_new_tokens, self.context_length - len(ids))),
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.stop_ids[0],
+            repetition_penalty=repetition_penalty,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+            streamer=_TextSink(IncrementalDecoder(self.tokenizer, self.stop_ids), emit),
+            **sampling,
+        )
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except Exception as error:  # reaches the user as a chat message, the app keeps serving
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                emit(error)
+                return
+            emit(Generation.DONE)
+
+        thread = threading.Thread(target=work, name="generate", daemon=True)
+        thread.start()
+        return Generation(thread, cancelled, dropped_turns)

@@ -1,0 +1,151 @@
+"""Run git and git-lfs so that they never hang, never prompt and never leak a token.
+
+Standard library only: the template's hooks import this under cookiecutter's
+interpreter, where nothing else is installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+POINTER_MAX_BYTES = 1024
+STALL_SECONDS = 30
+
+
+class RepoError(RuntimeError):
+    """A failure a user can fix: ``what`` went wrong and ``fix`` says how to mend it."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what} — {fix}")
+        self.what = what
+        self.fix = fix
+
+
+def git_env(token: str = "", user: str = "", base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Environment for every git call.
+
+    The token travels only as an ``http.extraHeader`` passed through GIT_CONFIG_*
+    variables: never in a URL, an argument list or ``.git/config``, and inherited
+    credential helpers are reset so none of them stores it.
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(
+        GIT_TERMINAL_PROMPT="0",
+        GIT_LFS_SKIP_SMUDGE="1",
+        GIT_HTTP_LOW_SPEED_LIMIT="1000",
+        GIT_HTTP_LOW_SPEED_TIME=str(STALL_SECONDS),
+        GIT_SSH_COMMAND=env.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes -o ConnectTimeout=15"),
+        GCM_INTERACTIVE="never",
+        LC_ALL="C",
+    )
+    for noisy in ("GIT_TRACE", "GIT_CURL_VERBOSE", "GIT_TRACE_CURL", "GIT_TRACE_PACKET"):
+        env.pop(noisy, None)
+    config = [("lfs.activitytimeout", str(STALL_SECONDS)), ("lfs.dialtimeout", "15")]
+    if token:
+        credentials = base64.b64encode(f"{user or 'oauth2'}:{token}".encode()).decode()
+        config += [("credential.helper", ""), ("http.extraHeader", f"Authorization: Basic {credentials}")]
+    start = int(env.get("GIT_CONFIG_COUNT") or 0)
+    for index, (key, value) in enumerate(config, start):
+        env[f"GIT_CONFIG_KEY_{index}"] = key
+        env[f"GIT_CONFIG_VALUE_{index}"] = value
+    env["GIT_CONFIG_COUNT"] = str(start + len(config))
+    return env
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """Blank out secrets and any credentials embedded in URLs before text is shown."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+
+
+def explain_failure(step: str, stderr: str) -> RepoError:
+    """Turn git's stderr into a message that says what failed and what to do."""
+    lower = stderr.lower()
+    detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+    if "could not read username" in lower or "authentication failed" in lower or " 401" in lower or " 403" in lower:
+        return RepoError(
+            f"{step}: the model repo needs a login",
+            "set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER to your user name on OpenXLab)",
+        )
+    if "couldn't find remote ref" in lower or "not our ref" in lower or "unknown revision" in lower:
+        return RepoError(f"{step}: revision not found ({detail})", "check MODEL_REVISION: a branch, tag or commit of the model repo")
+    if "not found" in lower or "does not appear to be a git repository" in lower or " 404" in lower:
+        return RepoError(f"{step}: model repo not found ({detail})", "check MODEL_REPO: copy the git URL from the model page")
+    if "could not resolve host" in lower or "connection refused" in lower or "timed out" in lower or "timeout" in lower:
+        return RepoError(f"{step}: cannot reach the model host ({detail})", "check the network or proxy, then start again")
+    if "no space left" in lower:
+        return RepoError(f"{step}: the disk is full", "free space or set MODEL_DIR to a larger disk")
+    return RepoError(f"{step} failed ({detail})", "read the git message above; fix MODEL_REPO or the network and start again")
+
+
+def run_git(
+    args: List[str],
+    step: str,
+    env: Mapping[str, str],
+    cwd: Optional[Path] = None,
+    timeout: Optional[float] = None,
+    secrets: Sequence[str] = (),
+) -> str:
+    """Run one git command; raise RepoError with a clear message on any failure."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=timeout,
+        )
+    except FileNotFoundError:
+        raise RepoError("git is not installed", "install git (on Debian/Ubuntu: apt-get install git)") from None
+    except subprocess.TimeoutExpired:
+        raise RepoError(f"{step}: no answer within {timeout:.0f} s", "check the network or proxy, then start again") from None
+    if done.returncode != 0:
+        error = explain_failure(step, redact(done.stderr, secrets))
+        raise error
+    return done.stdout
+
+
+def require_git_lfs(env: Mapping[str, str]) -> None:
+    """Fail early and clearly where git-lfs is missing, instead of loading pointer files later."""
+    try:
+        run_git(["lfs", "version"], "git lfs", env, timeout=30)
+    except RepoError:
+        raise RepoError(
+            "git-lfs is not installed, so only pointer files would be downloaded",
+            "install git-lfs (packages.txt lists it for the platforms; locally: apt-get install git-lfs or brew install git-lfs)",
+        ) from None
+
+
+def read_pointer(path: Path) -> Optional[int]:
+    """Return the size an LFS pointer file promises, or None when the file is real content."""
+    try:
+        if path.stat().st_size >= POINTER_MAX_BYTES:
+            return None
+        head = path.read_bytes()
+    except OSError:
+        return None
+    if not head.startswith(LFS_POINTER_PREFIX):
+        return None
+    match = re.search(rb"^size (\d+)$", head, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def working_files(root: Path) -> List[Path]:
+    """Every file of a checkout, .git excluded, as paths relative to root."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        files += [Path(folder, name).relative_to(root) for name in names]
+    return sorted(files)

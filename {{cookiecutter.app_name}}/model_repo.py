@@ -1,0 +1,269 @@
+"""Get the model onto this machine once, completely, and prove it before anyone loads it.
+
+Standard library only, so the template's hooks and a bare ``python model_repo.py``
+can use it before any requirement is installed.
+
+The clone goes to a folder beside MODEL_DIR and is renamed into place only after
+every LFS file is verified; the next start verifies the local copy and never
+touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+from urllib.parse import urlsplit
+
+from git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
+
+MARKER = "xlab-model.json"
+LIST_TIMEOUT = 300
+
+Progress = Callable[[str, int, int], None]  # (stage, bytes done, bytes total)
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: a git remote, or a folder used as it is."""
+
+    url: str
+    revision: str
+    local_folder: Optional[Path] = None
+
+
+def resolve_source(repo: str, revision: str) -> ModelSource:
+    """A local folder holding config.json is used in place; anything else is a git remote."""
+    candidate = Path(repo).expanduser()
+    if "://" not in repo and candidate.exists():
+        if (candidate / "config.json").is_file():
+            return ModelSource(url="", revision=revision, local_folder=candidate.resolve())
+        return ModelSource(url=candidate.resolve().as_uri(), revision=revision)
+    if repo.startswith("file://") and not Path(urlsplit(repo).path).exists():
+        raise RepoError(f"model repo {repo} does not exist", "check MODEL_REPO: the folder must exist on this machine")
+    return ModelSource(url=repo, revision=revision)
+
+
+def verify_checkout(folder: Path, expected_sizes: Optional[Dict[str, int]] = None) -> None:
+    """Refuse a folder that still holds LFS pointer files or files of the wrong size."""
+    if not (folder / "config.json").is_file():
+        raise RepoError(f"{folder} has no config.json", "point MODEL_REPO or MODEL_PATH at a complete model folder")
+    for relative in working_files(folder):
+        promised = read_pointer(folder / relative)
+        if promised is not None:
+            raise RepoError(
+                f"{relative} in {folder} is a git-lfs pointer, not the real file",
+                "install git-lfs and run `git lfs pull` in that folder (the app re-downloads MODEL_DIR by itself)",
+            )
+    for relative, size in (expected_sizes or {}).items():
+        path = folder / relative
+        actual = path.stat().st_size if path.is_file() else -1
+        if actual != size:
+            raise RepoError(
+                f"{relative} has {max(actual, 0)} bytes, its LFS pointer says {size}",
+                "the download is incomplete; delete the model folder and start again",
+            )
+
+
+def read_marker(folder: Path) -> Optional[dict]:
+    try:
+        return json.loads((folder / ".git" / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(folder: Path, record: dict) -> None:
+    """Write atomically, so a crash never leaves a marker that vouches for half a model."""
+    target = folder / ".git" / MARKER
+    partial = target.with_suffix(".tmp")
+    partial.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    os.replace(partial, target)
+
+
+def local_copy_is_good(folder: Path, source: ModelSource) -> bool:
+    """True when folder holds a verified download of exactly this source and revision."""
+    marker = read_marker(folder)
+    if not marker or marker.get("url") != source.url or marker.get("revision") != source.revision:
+        return False
+    try:
+        verify_checkout(folder, marker.get("lfs_sizes"))
+    except (RepoError, OSError) as error:
+        print(f"[model] local copy rejected: {error}; downloading again", flush=True)
+        return False
+    return True
+
+
+class DirectoryLock:
+    """An exclusive-create lock file: works on every OS and every filesystem git works on."""
+
+    def __init__(self, path: Path, on_wait: Callable[[], None]) -> None:
+        self.path = path
+        self.on_wait = on_wait
+        self.handle: Optional[int] = None
+
+    def _holder_is_gone(self) -> bool:
+        if os.name == "nt":
+            try:  # Windows refuses to delete a file its holder still has open.
+                self.path.unlink()
+                return True
+            except OSError:
+                return False
+        try:
+            pid = int(self.path.read_text().split()[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, IndexError):
+            return False
+        return False
+
+    def __enter__(self) -> "DirectoryLock":
+        announced = False
+        while True:
+            try:
+                self.handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(self.handle, f"{os.getpid()}\n".encode())
+                return self
+            except FileExistsError:
+                if self._holder_is_gone():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not announced:
+                    print(f"[model] another process is downloading into this folder; waiting ({self.path})", flush=True)
+                    announced = True
+                self.on_wait()
+                time.sleep(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            os.close(self.handle)
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _watch_transfer(lfs_dir: Path, total: int, progress: Progress, done: threading.Event) -> None:
+    """Report bytes fetched by git-lfs by watching its object store; git-lfs itself only shows a TTY bar."""
+    last_print = 0.0
+    while not done.wait(1.0):
+        fetched = min(_folder_bytes(lfs_dir), total)
+        progress("downloading", fetched, total)
+        if time.monotonic() - last_print > 10:
+            percent = 100 * fetched // total if total else 100
+            print(f"[model] downloading: {fetched / 1e6:,.1f} / {total / 1e6:,.1f} MB ({percent}%)", flush=True)
+            last_print = time.monotonic()
+
+
+def _check_disk(folder: Path, lfs_bytes: int) -> None:
+    """The LFS store and the working copy coexist until the pull is verified: twice the bytes."""
+    needed = 2 * lfs_bytes
+    free = shutil.disk_usage(folder).free
+    floor = int(os.environ.get("MODEL_MIN_FREE_BYTES", "0") or 0)
+    if free - needed < floor:
+        raise RepoError(
+            f"not enough disk: the model needs {needed / 1e9:.2f} GB while downloading, {free / 1e9:.2f} GB are free",
+            "free space or set MODEL_DIR to a folder on a larger disk",
+        )
+
+
+def _fetch(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple) -> None:
+    """Shallow fetch of one revision with weights skipped (GIT_LFS_SKIP_SMUDGE)."""
+    run_git(["init", "-q", str(work)], "git init", env, timeout=60)
+    run_git(["lfs", "install", "--local"], "git lfs install", env, cwd=work, timeout=60)
+    run_git(["remote", "add", "origin", source.url], "git remote add", env, cwd=work, timeout=60)
+    try:
+        run_git(["fetch", "-q", "--depth", "1", "origin", source.revision], "git fetch", env, cwd=work, timeout=LIST_TIMEOUT, secrets=secrets)
+    except RepoError as error:
+        if "revision not found" not in error.what:
+            raise
+        # Some servers refuse to hand out a commit by its hash: fetch history and look it up.
+        run_git(["fetch", "-q", "origin"], "git fetch", env, cwd=work, timeout=LIST_TIMEOUT, secrets=secrets)
+        run_git(["checkout", "-q", source.revision], "git checkout", env, cwd=work, timeout=LIST_TIMEOUT)
+        return
+    run_git(["checkout", "-q", "FETCH_HEAD"], "git checkout", env, cwd=work, timeout=LIST_TIMEOUT)
+
+
+def lfs_sizes(work: Path) -> Dict[str, int]:
+    """Sizes promised by the pointer files of a smudge-skipped checkout."""
+    sizes = {}
+    for relative in working_files(work):
+        size = read_pointer(work / relative)
+        if size is not None:
+            sizes[relative.as_posix()] = size
+    return sizes
+
+
+def download(source: ModelSource, target: Path, token: str = "", user: str = "", keep_lfs_cache: bool = False,
+             progress: Progress = _no_progress) -> None:
+    """Clone beside target, pull LFS, verify, then rename into place."""
+    env = git_env(token, user)
+    secrets = (token,)
+    require_git_lfs(env)
+    work = target.parent / f".{target.name}.download"
+    if work.exists():
+        shutil.rmtree(work)
+    progress("checking", 0, 0)
+    _fetch(source, work, env, secrets)
+    sizes = lfs_sizes(work)
+    total = sum(sizes.values())
+    _check_disk(target.parent, total)
+    print(f"[model] {len(sizes)} LFS files, {total / 1e6:,.1f} MB to download", flush=True)
+    finished = threading.Event()
+    watcher = threading.Thread(target=_watch_transfer, args=(work / ".git" / "lfs", total, progress, finished), daemon=True)
+    watcher.start()
+    try:
+        run_git(["lfs", "pull", "origin"], "git lfs pull", env, cwd=work, secrets=secrets)
+    finally:
+        finished.set()
+        watcher.join()
+    progress("verifying", total, total)
+    verify_checkout(work, sizes)
+    if not keep_lfs_cache:
+        shutil.rmtree(work / ".git" / "lfs" / "objects", ignore_errors=True)
+    commit = run_git(["rev-parse", "HEAD"], "git rev-parse", env, cwd=work, timeout=60).strip()
+    write_marker(work, {"url": source.url, "revision": source.revision, "commit": commit, "lfs_sizes": sizes})
+    if target.exists():
+        stale = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(work, target)
+    print(f"[model] ready: {target} at {commit[:12]} ({total / 1e6:,.1f} MB verified)", flush=True)
+
+
+def ensure_model(source: ModelSource, model_dir: Path, token: str = "", user: str = "",
+                 keep_lfs_cache: bool = False, progress: Progress = _no_progress) -> Path:
+    """Return a verified local model folder, downloading only when no good copy exists."""
+    if source.local_folder is not None:
+        progress("checking", 0, 0)
+        verify_checkout(source.local_folder)
+        return source.local_folder
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    if local_copy_is_good(model_dir, source):
+        print(f"[model] using the verified local copy in {model_dir} (no download)", flush=True)
+        return model_dir
+    lock_path = model_dir.parent / f".{model_dir.name}.lock"
+    with DirectoryLock(lock_path, on_wait=lambda: progress("waiting", 0, 0)):
+        if not local_copy_is_good(model_dir, source):  # another process may have finished meanwhile
+            download(source, model_dir, token, user, keep_lfs_cache, progress)
+    return model_dir

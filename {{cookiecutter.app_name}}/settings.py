@@ -1,0 +1,136 @@
+"""Every knob of the app in one place.
+
+The template's answers (``defaults.json``) are the defaults; each one can be
+overridden by one environment variable, so a platform's settings page is enough
+to retune a deployed app without a new commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+DEFAULTS_FILE = HERE / "defaults.json"
+
+HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+# (lowest, highest) accepted for each numeric setting.
+RANGES = {
+    "MAX_NEW_TOKENS": (1, 32768),
+    "TEMPERATURE": (0.0, 2.0),
+    "TOP_P": (0.01, 1.0),
+    "REPETITION_PENALTY": (1.0, 2.0),
+    "CONCURRENCY_LIMIT": (1, 64),
+    "GRADIO_SERVER_PORT": (1, 65535),
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the app cannot use; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_title: str
+    description: str
+    model_repo: str
+    model_revision: str
+    model_dir: Path
+    model_path: Optional[Path]
+    hardware: str
+    dtype: str
+    system_prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
+    concurrency_limit: int
+    server_name: str
+    server_port: int
+    keep_lfs_cache: bool
+    # Kept out of repr() so a logged Settings never shows a secret.
+    repo_token: str = field(default="", repr=False)
+    repo_user: str = ""
+
+
+def load_defaults(path: Path = DEFAULTS_FILE) -> dict:
+    """The template's answers, as rendered into defaults.json."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def check_number(name: str, text: object, kind: Callable) -> object:
+    """Parse one numeric setting and check its range; shared with the template's pre-gen hook."""
+    low, high = RANGES[name]
+    try:
+        value = kind(str(text).strip())
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise SettingsError(f"{name}={text!r} is not {noun} — use {noun} from {low} to {high}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={text} is out of range — use a value from {low} to {high}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: object, kind: Callable) -> object:
+    raw = env.get(name)
+    return check_number(name, default if raw is None or not raw.strip() else raw, kind)
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: Tuple[str, ...]) -> str:
+    value = (env.get(name.upper()) or default).strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name.upper()}={value!r} is not known — use one of: {', '.join(choices)}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _default_server_name(env: Mapping[str, str]) -> str:
+    """Loopback on a laptop; all interfaces where a hosting platform routes traffic in."""
+    on_platform = any(key in env for key in ("SPACE_ID", "MODELSCOPE_ENVIRONMENT", "OPENXLAB_APP_ID"))
+    on_platform = on_platform or Path.cwd() == Path("/home/xlab-app-center")
+    return "0.0.0.0" if on_platform else "127.0.0.1"
+
+
+def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[dict] = None) -> Settings:
+    """Read the settings, raising SettingsError with one clear line for a bad value."""
+    env = os.environ if env is None else env
+    defaults = load_defaults() if defaults is None else defaults
+
+    def text(name: str) -> str:
+        value = env.get(name.upper())
+        return defaults.get(name, "") if value is None else value
+
+    model_path = env.get("MODEL_PATH", "").strip()
+    model_repo = text("model_repo").strip()
+    if not model_repo and not model_path:
+        raise SettingsError("MODEL_REPO is empty — set MODEL_REPO to the model's git URL, or MODEL_PATH to a local folder")
+    return Settings(
+        app_title=text("app_title"),
+        description=text("description"),
+        model_repo=model_repo,
+        model_revision=text("model_revision").strip() or "main",
+        model_dir=Path(env.get("MODEL_DIR") or HERE / "model").expanduser().resolve(),
+        model_path=Path(model_path).expanduser().resolve() if model_path else None,
+        hardware=_choice(env, "hardware", defaults.get("hardware", "auto"), HARDWARE_CHOICES),
+        dtype=_choice(env, "dtype", "auto", DTYPE_CHOICES),
+        system_prompt=text("system_prompt"),
+        max_new_tokens=_number(env, "MAX_NEW_TOKENS", defaults.get("max_new_tokens", 1024), int),
+        temperature=_number(env, "TEMPERATURE", defaults.get("temperature", 0.8), float),
+        top_p=_number(env, "TOP_P", defaults.get("top_p", 0.8), float),
+        repetition_penalty=_number(env, "REPETITION_PENALTY", defaults.get("repetition_penalty", 1.005), float),
+        concurrency_limit=_number(env, "CONCURRENCY_LIMIT", 1, int),
+        server_name=env.get("GRADIO_SERVER_NAME") or _default_server_name(env),
+        server_port=_number(env, "GRADIO_SERVER_PORT", 7860, int),
+        keep_lfs_cache=_flag(env, "KEEP_LFS_CACHE"),
+        repo_token=env.get("MODEL_REPO_TOKEN", ""),
+        repo_user=env.get("MODEL_REPO_USER", ""),
+    )

@@ -1,0 +1,95 @@
+"""Download and load the model in the background, so the page is served at once.
+
+The status object is what the page and the ``/status`` API show while a 15 GB
+model is pulled and loaded, and what they show if the start fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Optional
+
+from engine import Engine
+from git_tools import RepoError
+from model_repo import ModelSource, ensure_model, resolve_source
+from settings import Settings
+
+
+class ModelStatus:
+    """Thread-safe stage of the start: checking, waiting, downloading, verifying, loading, ready or failed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.stage = "checking"
+        self.done = 0
+        self.total = 0
+        self.error = ""
+        self.engine: Optional[Engine] = None
+        self.ready = threading.Event()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        with self.lock:
+            self.stage, self.done, self.total = stage, done, total
+
+    def fail(self, message: str) -> None:
+        with self.lock:
+            self.stage, self.error = "failed", message
+        print(f"ERROR: {message}", flush=True)
+
+    def succeed(self, engine: Engine) -> None:
+        with self.lock:
+            self.stage, self.engine = "ready", engine
+        self.ready.set()
+
+    @property
+    def percent(self) -> int:
+        return 100 * self.done // self.total if self.total else 0
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "stage": self.stage,
+                "done_bytes": self.done,
+                "total_bytes": self.total,
+                "percent": self.percent,
+                "elapsed_s": round(time.monotonic() - self.started, 1),
+                "error": self.error,
+                "device": self.engine.placement.label if self.engine else "",
+            }
+
+
+def model_source(settings: Settings) -> ModelSource:
+    if settings.model_path is not None:
+        return ModelSource(url="", revision=settings.model_revision, local_folder=settings.model_path)
+    return resolve_source(settings.model_repo, settings.model_revision)
+
+
+def prepare(settings: Settings, status: ModelStatus) -> None:
+    try:
+        folder = ensure_model(
+            model_source(settings),
+            settings.model_dir,
+            token=settings.repo_token,
+            user=settings.repo_user,
+            keep_lfs_cache=settings.keep_lfs_cache,
+            progress=status.progress,
+        )
+        status.progress("loading", 0, 0)
+        print(f"[engine] loading {folder}", flush=True)
+        engine = Engine.load(folder, settings.hardware, settings.dtype)
+        print(f"[engine] ready on {engine.placement.label}", flush=True)
+        status.succeed(engine)
+    except (RepoError, ValueError, OSError) as error:
+        status.fail(str(error))
+    except Exception as error:  # a bug, not a user mistake: keep the trace in the log
+        traceback.print_exc()
+        status.fail(f"the model could not be loaded ({type(error).__name__}: {error})")
+
+
+def start_in_background(settings: Settings) -> ModelStatus:
+    status = ModelStatus()
+    threading.Thread(target=prepare, args=(settings, status), name="model-start", daemon=True).start()
+    return status
