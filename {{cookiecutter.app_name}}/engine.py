@@ -21,16 +21,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 IM_END = "<|im_end|>"
-# InternLM2's own prompt format, used when a repo ships no chat template.
-INTERNLM2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GPU_HARDWARE = ("a10-24gb", "a100-40gb")
 
 Message = Dict[str, str]
+
+
+def internlm2_prompt(messages: List[Message], bos: str) -> str:
+    """InternLM2's chat format, for repos that ship no chat template."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return f"{bos}{turns}<|im_start|>assistant\n"
 
 
 class InputTooLong(ValueError):
@@ -152,8 +152,6 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.placement = placement
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = INTERNLM2_CHAT_TEMPLATE
         self.stop_ids = self._stop_ids()
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
 
@@ -180,7 +178,11 @@ class Engine:
         return sorted(i for i in ids if isinstance(i, int))
 
     def encode_chat(self, messages: List[Message]) -> List[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The repo's chat template when it has one, else InternLM2's format; always as plain ids."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = internlm2_prompt(messages, self.tokenizer.bos_token or "")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def fit_prompt(self, system: str, history: List[Message], message: str, max_new_tokens: int) -> Tuple[List[int], int]:

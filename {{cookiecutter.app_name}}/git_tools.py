@@ -75,7 +75,7 @@ def explain_failure(step: str, stderr: str) -> RepoError:
             f"{step}: the model repo needs a login",
             "set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER to your user name on OpenXLab)",
         )
-    if "couldn't find remote ref" in lower or "not our ref" in lower or "unknown revision" in lower:
+    if any(s in lower for s in ("couldn't find remote ref", "not our ref", "unknown revision", "did not match any")):
         return RepoError(f"{step}: revision not found ({detail})", "check MODEL_REVISION: a branch, tag or commit of the model repo")
     if "not found" in lower or "does not appear to be a git repository" in lower or " 404" in lower:
         return RepoError(f"{step}: model repo not found ({detail})", "check MODEL_REPO: copy the git URL from the model page")

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import urlsplit
 
 from git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
@@ -216,21 +216,39 @@ def lfs_sizes(work: Path) -> Dict[str, int]:
 
 def download(source: ModelSource, target: Path, token: str = "", user: str = "", keep_lfs_cache: bool = False,
              progress: Progress = _no_progress) -> None:
-    """Clone beside target, pull LFS, verify, then rename into place."""
+    """Clone beside target, pull LFS, verify, then rename into place; leave nothing behind on failure."""
     env = git_env(token, user)
-    secrets = (token,)
     require_git_lfs(env)
     work = target.parent / f".{target.name}.download"
-    if work.exists():
-        shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt
+    try:
+        commit, sizes = _clone_verified(source, work, env, (token,), progress)
+        if not keep_lfs_cache:
+            shutil.rmtree(work / ".git" / "lfs" / "objects", ignore_errors=True)
+        write_marker(work, {"url": source.url, "revision": source.revision, "commit": commit, "lfs_sizes": sizes})
+        if target.exists():
+            stale = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    total = sum(sizes.values())
+    print(f"[model] ready: {target} at {commit[:12]} ({total / 1e6:,.1f} MB verified)", flush=True)
+
+
+def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple,
+                    progress: Progress) -> Tuple[str, Dict[str, int]]:
     progress("checking", 0, 0)
     _fetch(source, work, env, secrets)
     sizes = lfs_sizes(work)
     total = sum(sizes.values())
-    _check_disk(target.parent, total)
+    _check_disk(work.parent, total)
     print(f"[model] {len(sizes)} LFS files, {total / 1e6:,.1f} MB to download", flush=True)
     finished = threading.Event()
-    watcher = threading.Thread(target=_watch_transfer, args=(work / ".git" / "lfs", total, progress, finished), daemon=True)
+    watcher = threading.Thread(target=_watch_transfer, args=(work / ".git" / "lfs", total, progress, finished),
+                               daemon=True)
     watcher.start()
     try:
         run_git(["lfs", "pull", "origin"], "git lfs pull", env, cwd=work, secrets=secrets)
@@ -239,16 +257,8 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
         watcher.join()
     progress("verifying", total, total)
     verify_checkout(work, sizes)
-    if not keep_lfs_cache:
-        shutil.rmtree(work / ".git" / "lfs" / "objects", ignore_errors=True)
     commit = run_git(["rev-parse", "HEAD"], "git rev-parse", env, cwd=work, timeout=60).strip()
-    write_marker(work, {"url": source.url, "revision": source.revision, "commit": commit, "lfs_sizes": sizes})
-    if target.exists():
-        stale = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(work, target)
-    print(f"[model] ready: {target} at {commit[:12]} ({total / 1e6:,.1f} MB verified)", flush=True)
+    return commit, sizes
 
 
 def ensure_model(source: ModelSource, model_dir: Path, token: str = "", user: str = "",

@@ -58,6 +58,7 @@ class ModelStatus:
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "error": self.error,
                 "device": self.engine.placement.label if self.engine else "",
+                "generating": sum(t.name == "generate" and t.is_alive() for t in threading.enumerate()),
             }
 
 

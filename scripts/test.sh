@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the tests need, idempotently, then run them: ./scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v git-lfs >/dev/null 2>&1 || missing+=(git-lfs)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# The CPU wheel first, pinned: nothing later may pull the multi-GB CUDA build.
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+
+exec .venv/bin/python -m pytest "$@"

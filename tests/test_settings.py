@@ -1,0 +1,56 @@
+"""Settings: template answers as defaults, env overrides, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from apprunner import render
+
+DEFAULTS = {"app_title": "T", "description": "", "model_repo": "https://example.invalid/x.git", "model_revision": "v1",
+            "hardware": "cpu", "system_prompt": "Be kind.", "max_new_tokens": 512, "temperature": 0.7, "top_p": 0.9,
+            "repetition_penalty": 1.02}
+
+
+def test_env_overrides_template_answers(app_modules, tmp_path):
+    from settings import load_settings
+
+    settings = load_settings({}, DEFAULTS)
+    assert (settings.max_new_tokens, settings.temperature, settings.hardware) == (512, 0.7, "cpu")
+    assert settings.server_name == "127.0.0.1" and settings.concurrency_limit == 1
+    env = {"MAX_NEW_TOKENS": "64", "TEMPERATURE": "0", "HARDWARE": "A10-24GB", "MODEL_DIR": str(tmp_path / "w"),
+           "CONCURRENCY_LIMIT": "3", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000",
+           "MODEL_REPO_TOKEN": "hf_secret_value", "SYSTEM_PROMPT": ""}
+    settings = load_settings(env, DEFAULTS)
+    assert (settings.max_new_tokens, settings.temperature, settings.hardware) == (64, 0.0, "a10-24gb")
+    assert (settings.concurrency_limit, settings.server_name, settings.server_port) == (3, "0.0.0.0", 9000)
+    assert settings.model_dir == tmp_path / "w" and settings.system_prompt == ""
+    assert "hf_secret_value" not in repr(settings)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("MAX_NEW_TOKENS", "lots", "MAX_NEW_TOKENS='lots' is not a whole number"),
+    ("TEMPERATURE", "5", "TEMPERATURE=5 is out of range"),
+    ("TOP_P", "0", "TOP_P=0 is out of range"),
+    ("REPETITION_PENALTY", "x", "REPETITION_PENALTY='x' is not a number"),
+    ("CONCURRENCY_LIMIT", "0", "CONCURRENCY_LIMIT=0 is out of range"),
+    ("HARDWARE", "tpu", "HARDWARE='tpu' is not known"),
+    ("GRADIO_SERVER_PORT", "99999", "GRADIO_SERVER_PORT=99999 is out of range"),
+])
+def test_bad_values_raise_one_clear_line(app_modules, name, value, message):
+    from settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as error:
+        load_settings({name: value}, DEFAULTS)
+    assert message in str(error.value) and " — " in str(error.value)
+
+
+def test_app_refuses_bad_setting_with_one_line_and_no_traceback(tmp_path: Path):
+    folder = render(tmp_path)
+    done = subprocess.run([sys.executable, "app.py"], cwd=folder, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "MAX_NEW_TOKENS": "-3", "HOME": str(tmp_path)})
+    assert done.returncode == 2
+    assert done.stderr.strip() == "ERROR: MAX_NEW_TOKENS=-3 is out of range — use a value from 1 to 32768"
+    assert "Traceback" not in done.stdout + done.stderr
