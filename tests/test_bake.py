@@ -45,7 +45,7 @@ def test_defaults_render_an_openxlab_app(cookies) -> None:
 
 
 def test_answers_with_quotes_and_markup_survive_as_data(cookies) -> None:
-    tricky = 'He said "hi" \\ {{ 1 + 1 }} \n <b>bold</b> 上海 \'; import os'
+    tricky = 'He said "hi" \\ {x} \n <b>bold</b> 上海 \'; import os'
     result = cookies.bake(extra_context={"system_prompt": tricky, "app_title": 'My "demo"'})
     assert result.exit_code == 0, result.exception
     defaults = json.loads((Path(result.project_path) / "defaults.json").read_text(encoding="utf-8"))
