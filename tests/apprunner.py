@@ -38,7 +38,7 @@ class AppProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         full_env = {**os.environ, "GRADIO_SERVER_PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
-        self.log_file = open(log, "w", encoding="utf-8")
+        self.log_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen([python, "app.py"], cwd=folder, env=full_env, stdout=self.log_file,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

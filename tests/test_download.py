@@ -89,7 +89,8 @@ def test_unknown_revision_and_missing_repo_say_what_to_fix(model_repo, remote_co
 def test_commit_revision_and_local_folder(model_repo, remote_copy: Path, tmp_path: Path, tiny_model):
     import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "main"], cwd=remote_copy, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "main"], cwd=remote_copy, capture_output=True, text=True).stdout
+    commit = commit.strip()
     target = tmp_path / "model"
     model_repo.ensure_model(model_repo.resolve_source(remote_copy.as_uri(), commit), target)
     assert model_repo.read_marker(target)["commit"] == commit

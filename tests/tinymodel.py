@@ -58,7 +58,8 @@ def _training_texts(tokenizer: object) -> list:
         )
         for q, a in CHATS
     ]
-    story = tokenizer.apply_chat_template([{"role": "user", "content": STORY}], tokenize=False, add_generation_prompt=True)
+    ask = [{"role": "user", "content": STORY}]
+    story = tokenizer.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
     texts.append(story + "la " * 120)  # never ends: the model learns to ramble on
     return texts
 

@@ -7,6 +7,7 @@ changed with an environment variable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -63,10 +64,8 @@ def make_respond(settings: Settings, status: ModelStatus):
         inbox: asyncio.Queue = asyncio.Queue()
 
         def emit(item: object) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: the server is shutting down
-                pass
 
         generation = engine.start(ids, emit, int(max_new_tokens), float(temperature), float(top_p),
                                   float(repetition_penalty), dropped)

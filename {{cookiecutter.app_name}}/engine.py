@@ -12,7 +12,7 @@ import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import transformers
@@ -185,7 +185,9 @@ class Engine:
             text = internlm2_prompt(messages, self.tokenizer.bos_token or "")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def fit_prompt(self, system: str, history: List[Message], message: str, max_new_tokens: int) -> Tuple[List[int], int]:
+    def fit_prompt(
+        self, system: str, history: List[Message], message: str, max_new_tokens: int
+    ) -> Tuple[List[int], int]:
         """Drop the oldest turns until prompt + reply fit the context; return ids and turns dropped."""
         budget = self.context_length - min(max_new_tokens, self.context_length // 2)
         head = [{"role": "system", "content": system}] if system else []

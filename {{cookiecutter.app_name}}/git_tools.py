@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 POINTER_MAX_BYTES = 1024
 STALL_SECONDS = 30
+NETWORK_FIX = "check the network or proxy, then start again"
 
 
 class RepoError(RuntimeError):
@@ -76,14 +77,16 @@ def explain_failure(step: str, stderr: str) -> RepoError:
             "set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER to your user name on OpenXLab)",
         )
     if any(s in lower for s in ("couldn't find remote ref", "not our ref", "unknown revision", "did not match any")):
-        return RepoError(f"{step}: revision not found ({detail})", "check MODEL_REVISION: a branch, tag or commit of the model repo")
+        fix = "check MODEL_REVISION: a branch, tag or commit of the model repo"
+        return RepoError(f"{step}: revision not found ({detail})", fix)
     if "not found" in lower or "does not appear to be a git repository" in lower or " 404" in lower:
-        return RepoError(f"{step}: model repo not found ({detail})", "check MODEL_REPO: copy the git URL from the model page")
-    if "could not resolve host" in lower or "connection refused" in lower or "timed out" in lower or "timeout" in lower:
-        return RepoError(f"{step}: cannot reach the model host ({detail})", "check the network or proxy, then start again")
+        fix = "check MODEL_REPO: copy the git URL from the model page"
+        return RepoError(f"{step}: model repo not found ({detail})", fix)
+    if any(s in lower for s in ("could not resolve host", "connection refused", "timed out", "timeout")):
+        return RepoError(f"{step}: cannot reach the model host ({detail})", NETWORK_FIX)
     if "no space left" in lower:
         return RepoError(f"{step}: the disk is full", "free space or set MODEL_DIR to a larger disk")
-    return RepoError(f"{step} failed ({detail})", "read the git message above; fix MODEL_REPO or the network and start again")
+    return RepoError(f"{step} failed ({detail})", "fix MODEL_REPO or the network as git says, then retry")
 
 
 def run_git(
@@ -110,7 +113,7 @@ def run_git(
     except FileNotFoundError:
         raise RepoError("git is not installed", "install git (on Debian/Ubuntu: apt-get install git)") from None
     except subprocess.TimeoutExpired:
-        raise RepoError(f"{step}: no answer within {timeout:.0f} s", "check the network or proxy, then start again") from None
+        raise RepoError(f"{step}: no answer within {timeout:.0f} s", NETWORK_FIX) from None
     if done.returncode != 0:
         error = explain_failure(step, redact(done.stderr, secrets))
         raise error
@@ -124,7 +127,8 @@ def require_git_lfs(env: Mapping[str, str]) -> None:
     except RepoError:
         raise RepoError(
             "git-lfs is not installed, so only pointer files would be downloaded",
-            "install git-lfs (packages.txt lists it for the platforms; locally: apt-get install git-lfs or brew install git-lfs)",
+            "install git-lfs (packages.txt lists it for the platforms; locally: apt-get install git-lfs"
+            " or brew install git-lfs)",
         ) from None
 
 

@@ -10,6 +10,7 @@ touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -146,20 +147,16 @@ class DirectoryLock:
     def __exit__(self, *exc: object) -> None:
         if self.handle is not None:
             os.close(self.handle)
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except OSError:
-            pass
 
 
 def _folder_bytes(folder: Path) -> int:
     total = 0
     for root, _dirs, names in os.walk(folder):
         for name in names:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -193,7 +190,8 @@ def _fetch(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple)
     run_git(["lfs", "install", "--local"], "git lfs install", env, cwd=work, timeout=60)
     run_git(["remote", "add", "origin", source.url], "git remote add", env, cwd=work, timeout=60)
     try:
-        run_git(["fetch", "-q", "--depth", "1", "origin", source.revision], "git fetch", env, cwd=work, timeout=LIST_TIMEOUT, secrets=secrets)
+        run_git(["fetch", "-q", "--depth", "1", "origin", source.revision], "git fetch", env, cwd=work,
+                timeout=LIST_TIMEOUT, secrets=secrets)
     except RepoError as error:
         if "revision not found" not in error.what:
             raise

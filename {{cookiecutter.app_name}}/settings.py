@@ -112,7 +112,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
     model_path = env.get("MODEL_PATH", "").strip()
     model_repo = text("model_repo").strip()
     if not model_repo and not model_path:
-        raise SettingsError("MODEL_REPO is empty — set MODEL_REPO to the model's git URL, or MODEL_PATH to a local folder")
+        raise SettingsError("MODEL_REPO is empty — set MODEL_REPO to the model's git URL or MODEL_PATH to a folder")
     return Settings(
         app_title=text("app_title"),
         description=text("description"),
