@@ -14,11 +14,12 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
@@ -184,8 +185,9 @@ def _check_disk(folder: Path, lfs_bytes: int) -> None:
         )
 
 
-def _fetch(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple) -> None:
-    """Shallow fetch of one revision with weights skipped (GIT_LFS_SKIP_SMUDGE)."""
+def clone_without_weights(source: ModelSource, work: Path, env: Dict[str, str],
+                          secrets: tuple = ()) -> None:
+    """Shallow checkout of one revision into a new folder, LFS files left as pointers (GIT_LFS_SKIP_SMUDGE)."""
     run_git(["init", "-q", str(work)], "git init", env, timeout=60)
     run_git(["lfs", "install", "--local"], "git lfs install", env, cwd=work, timeout=60)
     run_git(["remote", "add", "origin", source.url], "git remote add", env, cwd=work, timeout=60)
@@ -239,7 +241,7 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
 def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple,
                     progress: Progress) -> Tuple[str, Dict[str, int]]:
     progress("checking", 0, 0)
-    _fetch(source, work, env, secrets)
+    clone_without_weights(source, work, env, secrets)
     sizes = lfs_sizes(work)
     total = sum(sizes.values())
     _check_disk(work.parent, total)
@@ -275,3 +277,14 @@ def ensure_model(source: ModelSource, model_dir: Path, token: str = "", user: st
         if not local_copy_is_good(model_dir, source):  # another process may have finished meanwhile
             download(source, model_dir, token, user, keep_lfs_cache, progress)
     return model_dir
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python model_repo.py check [--hardware …]``: validate the model repo without downloading weights."""
+    from repo_check import cli
+
+    return cli(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

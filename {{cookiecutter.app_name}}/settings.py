@@ -18,6 +18,7 @@ DEFAULTS_FILE = HERE / "defaults.json"
 
 HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+LOADER_CHOICES = ("native", "remote-code")
 
 # (lowest, highest) accepted for each numeric setting.
 RANGES = {
@@ -43,6 +44,7 @@ class Settings:
     model_dir: Path
     model_path: Optional[Path]
     hardware: str
+    loader: str
     dtype: str
     system_prompt: str
     max_new_tokens: int
@@ -121,6 +123,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         model_dir=Path(env.get("MODEL_DIR") or HERE / "model").expanduser().resolve(),
         model_path=Path(model_path).expanduser().resolve() if model_path else None,
         hardware=_choice(env, "hardware", defaults.get("hardware", "auto"), HARDWARE_CHOICES),
+        loader=_choice(env, "loader", defaults.get("loader", "native"), LOADER_CHOICES),
         dtype=_choice(env, "dtype", "auto", DTYPE_CHOICES),
         system_prompt=text("system_prompt"),
         max_new_tokens=_number(env, "MAX_NEW_TOKENS", defaults.get("max_new_tokens", 1024), int),
