@@ -1,0 +1,314 @@
+"""A tiny InternLM2-layout checkpoint, built on the fly, that carries its own remote-code oracle.
+
+The weights use InternLM2's names and packed ``wqkv``. The folder also gets ``configuration_internlm2.py``
+and ``modeling_internlm2.py``: a plain, separately written InternLM2 forward pass (packed attention grouped
+per kv head, rotate-half RoPE with InternLM2's dynamic NTK, RMSNorm, SwiGLU) that transformers loads with
+``trust_remote_code=True``. The native Llama conversion is checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+import tinymodel
+
+IM_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+CONFIGURATION_SOURCE = '''
+from transformers import PretrainedConfig
+
+
+class InternLM2Config(PretrainedConfig):
+    model_type = "internlm2"
+
+    def __init__(self, vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=64,
+                 rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, bias=False, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.internlm2_rope = rope_scaling  # untouched by transformers' rope_scaling handling
+        self.bias = bias
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+'''
+
+MODELING_SOURCE = '''
+"""Reference InternLM2 forward pass, written from the architecture description, for tests only."""
+import math
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_internlm2 import InternLM2Config
+
+
+class InternLM2RMSNorm(nn.Module):
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(config, head_dim, start, length, device):
+    """cos/sin for positions start..start+length-1, as InternLM2's rotary classes compute them."""
+    base = float(config.rope_theta)
+    scaling = config.internlm2_rope or {}
+    kind = scaling.get("type") or scaling.get("rope_type")
+    factor = float(scaling.get("factor", 1.0))
+    seq_len = start + length
+    if kind == "dynamic" and seq_len > config.max_position_embeddings:
+        grow = factor * seq_len / config.max_position_embeddings - (factor - 1)
+        base = base * grow ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    positions = torch.arange(start, seq_len, device=device).float()
+    if kind == "linear":
+        positions = positions / factor
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class InternLM2Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.groups = self.heads // self.kv_heads
+        self.head_dim = config.hidden_size // self.heads
+        rows = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, rows, bias=config.bias)
+        self.wo = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.bias)
+
+    def forward(self, x, start, cache):
+        batch, length, _ = x.shape
+        qkv = self.wqkv(x).view(batch, length, self.kv_heads, self.groups + 2, self.head_dim)
+        q = qkv[:, :, :, : self.groups].reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = qkv[:, :, :, self.groups].transpose(1, 2)
+        v = qkv[:, :, :, self.groups + 1].transpose(1, 2)
+        cos, sin = rope_cos_sin(self.config, self.head_dim, start, length, x.device)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        k = k.repeat_interleave(self.groups, dim=1)
+        v = v.repeat_interleave(self.groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+        query_pos = torch.arange(start, start + length, device=x.device)[:, None]
+        key_pos = torch.arange(k.shape[2], device=x.device)[None, :]
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
+        return self.wo(out)
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attention = InternLM2Attention(config, layer_idx)
+        self.feed_forward = InternLM2MLP(config)
+        self.attention_norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, start, cache):
+        x = x + self.attention(self.attention_norm(x), start, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class InternLM2PreTrainedModel(PreTrainedModel):
+    config_class = InternLM2Config
+    base_model_prefix = "model"
+    _no_split_modules = ["InternLM2DecoderLayer"]
+
+    def _init_weights(self, module):
+        pass
+
+
+class InternLM2Model(InternLM2PreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = InternLM2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids, cache=None):
+        start = cache.get_seq_length() if cache is not None else 0
+        x = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            x = layer(x, start, cache)
+        return self.norm(x)
+
+
+class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = InternLM2Model(config)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the test oracle runs unpadded batches only")
+        hidden = self.model(input_ids, past_key_values if use_cache is not False else None)
+        return CausalLMOutputWithPast(logits=self.output(hidden).float(), past_key_values=past_key_values)
+'''
+
+
+def _special_entry(content: str) -> dict:
+    return {"content": content, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+            "special": True}
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """tinymodel's sentencepiece tokenizer, with InternLM2's tokenizer_config layout; returns its vocab size."""
+    import sentencepiece as spm
+
+    tinymodel._train_tokenizer(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update({
+        "tokenizer_class": "InternLM2Tokenizer", "pad_token": "</s>", "clean_up_tokenization_spaces": False,
+        "decode_with_prefix_space": False,
+        "added_tokens_decoder": {str(sp.piece_to_id(t)): _special_entry(t)
+                                 for t in ["<unk>", "<s>", "</s>", *IM_SPECIALS]},
+    })
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return sp.get_piece_size()
+
+
+def internlm2_weights(config: dict, seed: int = 0) -> Dict[str, "object"]:
+    """Random InternLM2-named weights, scaled so activations and logits are far from zero and varied."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    rows = (heads + 2 * kv) * (hidden // heads)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    weights = {"model.tok_embeddings.weight": normal(config["vocab_size"], hidden, std=1.0),
+               "model.norm.weight": 1.0 + normal(hidden, std=0.1),
+               "output.weight": normal(config["vocab_size"], hidden, std=3.0 / math.sqrt(hidden))}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        weights[prefix + "attention.wqkv.weight"] = normal(rows, hidden, std=1.5 / math.sqrt(hidden))
+        weights[prefix + "attention.wo.weight"] = normal(hidden, heads * hidden // heads, std=1.0 / math.sqrt(hidden))
+        if config.get("bias"):
+            weights[prefix + "attention.wqkv.bias"] = normal(rows, std=0.1)
+            weights[prefix + "attention.wo.bias"] = normal(hidden, std=0.1)
+        weights[prefix + "feed_forward.w1.weight"] = normal(inter, hidden, std=1.0 / math.sqrt(hidden))
+        weights[prefix + "feed_forward.w3.weight"] = normal(inter, hidden, std=1.0 / math.sqrt(hidden))
+        weights[prefix + "feed_forward.w2.weight"] = normal(hidden, inter, std=1.0 / math.sqrt(inter))
+        weights[prefix + "attention_norm.weight"] = 1.0 + normal(hidden, std=0.1)
+        weights[prefix + "ffn_norm.weight"] = 1.0 + normal(hidden, std=0.1)
+    return weights
+
+
+def _write_weights(folder: Path, weights: dict, fmt: str, shards: int) -> None:
+    """One file, or several shards plus the index transformers writes, in safetensors or .bin form."""
+    import torch
+    from safetensors.torch import save_file
+
+    names = list(weights)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for index, group in enumerate(groups, start=1):
+        filename = f"{stem}.{ext}" if shards == 1 else f"{stem}-{index:05d}-of-{shards:05d}.{ext}"
+        part = {name: weights[name].contiguous() for name in group}
+        if fmt == "safetensors":
+            save_file(part, str(folder / filename), metadata={"format": "pt"})
+        else:
+            torch.save(part, str(folder / filename))
+        weight_map.update({name: filename for name in group})
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in weights.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def build_internlm2(folder: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    intermediate: Optional[int] = None, max_position_embeddings: int = 64,
+                    rope_theta: float = 10000.0, rope_scaling: Optional[dict] = None, bias: bool = False,
+                    fmt: str = "safetensors", shards: int = 1, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a tiny InternLM2 checkpoint (config, weights, tokenizer, remote-code oracle) into folder."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = _write_tokenizer(folder)
+    config = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "model_type": "internlm2", "vocab_size": vocab_size, "hidden_size": hidden,
+        "intermediate_size": intermediate or 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6, "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling, "bias": bias, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+        "tie_word_embeddings": False, "torch_dtype": dtype, "attn_implementation": "eager", "use_cache": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    generation = {"bos_token_id": 1, "eos_token_id": [2, tinymodel_im_end_id(folder)], "pad_token_id": 2}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    weights = internlm2_weights(config, seed)
+    weights = {name: t.to(getattr(torch, dtype)) for name, t in weights.items()}
+    _write_weights(folder, weights, fmt, shards)
+    (folder / "configuration_internlm2.py").write_text(CONFIGURATION_SOURCE.lstrip(), encoding="utf-8")
+    (folder / "modeling_internlm2.py").write_text(MODELING_SOURCE.lstrip(), encoding="utf-8")
+    return folder
+
+
+def tinymodel_im_end_id(folder: Path) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).piece_to_id(IM_SPECIALS[1])
+
+
+def publish_internlm2(model_folder: Path, bare: Path) -> str:
+    """Push the checkpoint into a local bare git-lfs repo (file:// URL), as a Hub repo would serve it."""
+    return tinymodel.publish(model_folder, bare, message="internlm2 model")
