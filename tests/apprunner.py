@@ -72,8 +72,10 @@ class AppProcess:
             state = self.status()
             if state["stage"] in stages:
                 return state
+            if state["stage"] == "failed":
+                break
             time.sleep(0.5)
-        raise AssertionError(f"stage {state} not in {stages} after {timeout} s:\n{self.log}")
+        raise AssertionError(f"stage {state} is not one of {stages}:\n{self.log}")
 
     def stop(self) -> None:
         if self.process.poll() is None:

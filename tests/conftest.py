@@ -8,11 +8,21 @@ from pathlib import Path
 
 import pytest
 
+# Importing the template's modules in-process must not leave __pycache__ for cookiecutter to render.
+sys.dont_write_bytecode = True
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_APP = ROOT / "{{cookiecutter.app_name}}"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tinymodel  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_template() -> None:
+    """Local tool caches inside the template would be rendered into every app; git never has them."""
+    for cache in ("__pycache__", ".ruff_cache", ".pytest_cache"):
+        for path in TEMPLATE_APP.rglob(cache):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,7 @@ def test_unknown_revision_and_missing_repo_say_what_to_fix(model_repo, remote_co
         model_repo.ensure_model(model_repo.resolve_source(remote_copy.as_uri(), "no-such-branch"), tmp_path / "m1")
     assert "MODEL_REVISION" in error.value.fix
     with pytest.raises(model_repo.RepoError, match="does not exist"):
-        model_repo.resolve_source((tmp_path / "nowhere.git").as_uri(), "main")
+        model_repo.ensure_model(model_repo.resolve_source((tmp_path / "nowhere.git").as_uri(), "main"), tmp_path / "m1")
     assert not (tmp_path / "m1").exists()
     assert not any(p.name.startswith(".m1") for p in tmp_path.iterdir())
 

@@ -69,21 +69,23 @@ def make_respond(settings: Settings, status: ModelStatus):
 
         generation = engine.start(ids, emit, int(max_new_tokens), float(temperature), float(top_p),
                                   float(repetition_penalty), dropped)
-        reply = ""
+        reply, finished = "", False
         try:
-            while True:
+            while not finished:
+                before = reply
                 items = [await inbox.get()]
                 while not inbox.empty():  # send what piled up as one update
                     items.append(inbox.get_nowait())
                 for item in items:
                     if item is Generation.DONE:
-                        yield reply
-                        return
-                    if isinstance(item, Exception):
-                        yield reply + f"\n\n⚠️ Generation failed: {type(item).__name__}. Please try again."
-                        return
-                    reply += item
-                yield reply
+                        finished = True
+                    elif isinstance(item, Exception):
+                        finished = True
+                        reply += f"\n\n⚠️ Generation failed: {type(item).__name__}. Please try again."
+                    else:
+                        reply += item
+                if reply != before or (finished and not reply):
+                    yield reply
         finally:  # Stop, a disconnect or the end: free the slot at once
             generation.cancel()
 

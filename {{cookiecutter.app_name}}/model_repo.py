@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
+from repo_url import LOCAL, OTHER, RepoURLError, normalise
 
 MARKER = "xlab-model.json"
 LIST_TIMEOUT = 300
@@ -44,14 +45,24 @@ class ModelSource:
 
 
 def resolve_source(repo: str, revision: str) -> ModelSource:
-    """A local folder holding config.json is used in place; anything else is a git remote."""
+    """A local folder holding config.json is used in place; anything else is a git remote.
+
+    A hub's web page (Hugging Face, ModelScope, OpenXLab) becomes its git URL, and a
+    /tree/<rev> address sets the revision unless another one than "main" was asked for.
+    """
+    try:
+        parsed = normalise(repo)
+    except RepoURLError:
+        parsed = None
+    if parsed is not None and parsed.changed and parsed.hub not in (LOCAL, OTHER):
+        repo = parsed.git_url
+        if parsed.revision and revision in ("", "main"):
+            revision = parsed.revision
     candidate = Path(repo).expanduser()
     if "://" not in repo and candidate.exists():
         if (candidate / "config.json").is_file():
             return ModelSource(url="", revision=revision, local_folder=candidate.resolve())
         return ModelSource(url=candidate.resolve().as_uri(), revision=revision)
-    if repo.startswith("file://") and not Path(urlsplit(repo).path).exists():
-        raise RepoError(f"model repo {repo} does not exist", "check MODEL_REPO: the folder must exist on this machine")
     return ModelSource(url=repo, revision=revision)
 
 
@@ -241,6 +252,8 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
 def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple,
                     progress: Progress) -> Tuple[str, Dict[str, int]]:
     progress("checking", 0, 0)
+    if source.url.startswith("file://") and not Path(urlsplit(source.url).path).exists():
+        raise RepoError(f"model repo {source.url} does not exist", "check MODEL_REPO: the folder must exist")
     clone_without_weights(source, work, env, secrets)
     sizes = lfs_sizes(work)
     total = sum(sizes.values())
