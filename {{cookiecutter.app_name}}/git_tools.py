@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -22,10 +23,12 @@ NETWORK_FIX = "check the network or proxy, then start again"
 class RepoError(RuntimeError):
     """A failure a user can fix: ``what`` went wrong and ``fix`` says how to mend it."""
 
-    def __init__(self, what: str, fix: str) -> None:
+    def __init__(self, what: str, fix: str, kind: str = "other") -> None:
         super().__init__(f"{what} — {fix}")
         self.what = what
         self.fix = fix
+        # auth, revision, not-found, network, disk, missing-tool or other: lets callers decide ✗ from ⚠.
+        self.kind = kind
 
 
 def git_env(token: str = "", user: str = "", base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
@@ -75,18 +78,40 @@ def explain_failure(step: str, stderr: str) -> RepoError:
         return RepoError(
             f"{step}: the model repo needs a login",
             "set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER to your user name on OpenXLab)",
+            "auth",
         )
+    if "permission denied (publickey" in lower:
+        return RepoError(f"{step}: the SSH server refused the key", "add your SSH key to the model hub, or use the"
+                         " https URL with MODEL_REPO_TOKEN", "auth")
     if any(s in lower for s in ("couldn't find remote ref", "not our ref", "unknown revision", "did not match any")):
         fix = "check MODEL_REVISION: a branch, tag or commit of the model repo"
-        return RepoError(f"{step}: revision not found ({detail})", fix)
+        return RepoError(f"{step}: revision not found ({detail})", fix, "revision")
+    network = ("could not resolve host", "connection refused", "timed out", "timeout", "could not resolve hostname",
+               "network is unreachable", "no route to host", "connection reset", "empty reply from server",
+               "operation too slow", "failed to connect", "couldn't connect", "connection closed by remote host")
+    if any(s in lower for s in network):
+        return RepoError(f"{step}: cannot reach the model host ({detail})", NETWORK_FIX, "network")
     if "not found" in lower or "does not appear to be a git repository" in lower or " 404" in lower:
         fix = "check MODEL_REPO: copy the git URL from the model page"
-        return RepoError(f"{step}: model repo not found ({detail})", fix)
-    if any(s in lower for s in ("could not resolve host", "connection refused", "timed out", "timeout")):
-        return RepoError(f"{step}: cannot reach the model host ({detail})", NETWORK_FIX)
+        return RepoError(f"{step}: model repo not found ({detail})", fix, "not-found")
     if "no space left" in lower:
-        return RepoError(f"{step}: the disk is full", "free space or set MODEL_DIR to a larger disk")
+        return RepoError(f"{step}: the disk is full", "free space or set MODEL_DIR to a larger disk", "disk")
     return RepoError(f"{step} failed ({detail})", "fix MODEL_REPO or the network as git says, then retry")
+
+
+def _kill(process: "subprocess.Popen[str]") -> None:
+    """End git and every helper it started, then reap it."""
+    try:
+        if os.name == "posix":
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except OSError:
+        pass
+    process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def run_git(
@@ -98,22 +123,33 @@ def run_git(
     secrets: Sequence[str] = (),
 ) -> str:
     """Run one git command; raise RepoError with a clear message on any failure."""
+    # Own process group, so a timeout also ends git's helpers (git-remote-https, ssh, git-lfs).
+    group = {"start_new_session": True} if os.name == "posix" else {}
     try:
-        done = subprocess.run(
+        process = subprocess.Popen(
             ["git", *args],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
             errors="replace",
-            timeout=timeout,
+            **group,
         )
     except FileNotFoundError:
-        raise RepoError("git is not installed", "install git (on Debian/Ubuntu: apt-get install git)") from None
+        raise RepoError("git is not installed", "install git (on Debian/Ubuntu: apt-get install git)",
+                        "missing-tool") from None
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise RepoError(f"{step}: no answer within {timeout:.0f} s", NETWORK_FIX) from None
+        _kill(process)
+        raise RepoError(f"{step}: no answer within {timeout:.0f} s", NETWORK_FIX, "network") from None
+    except BaseException:
+        _kill(process)
+        raise
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if done.returncode != 0:
         error = explain_failure(step, redact(done.stderr, secrets))
         raise error
@@ -129,6 +165,7 @@ def require_git_lfs(env: Mapping[str, str]) -> None:
             "git-lfs is not installed, so only pointer files would be downloaded",
             "install git-lfs (packages.txt lists it for the platforms; locally: apt-get install git-lfs"
             " or brew install git-lfs)",
+            "missing-tool",
         ) from None
 
 

@@ -1,0 +1,109 @@
+"""After the files are written: record the normalised model repo, then check the repo.
+
+Standard library only; runs in the generated folder and uses the app's own
+repo_url and repo_check modules (the same check as ``python model_repo.py check``).
+Answers arrive as JSON data (``| tojson``), never pasted inside Python quotes.
+
+Exit policy: any ✗ exits 1 (cookiecutter then removes the folder unless
+--keep-project-on-failure); an unreachable host or a missing token is only a
+warning, so generating works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ANSWERS = json.loads(r'''{
+  "app_name": {{ cookiecutter.app_name | tojson }},
+  "app_title": {{ cookiecutter.app_title | tojson }},
+  "model_repo": {{ cookiecutter.model_repo | tojson }},
+  "model_revision": {{ cookiecutter.model_revision | tojson }},
+  "hardware": {{ cookiecutter.hardware | tojson }},
+  "loader": {{ cookiecutter.loader | tojson }},
+  "validate_model_repo": {{ cookiecutter.validate_model_repo | tojson }}
+}''')
+# {% raw %}
+FALSE_WORDS = ("0", "false", "no", "n", "off")
+
+
+def wanted(flag: object) -> bool:
+    return flag if isinstance(flag, bool) else str(flag).strip().lower() not in FALSE_WORDS
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new_revision: str) -> None:
+    """defaults.json (and the README's mentions) get the git URL and revision the app will use."""
+    defaults_path = folder / "defaults.json"
+    defaults = json.loads(defaults_path.read_text(encoding="utf-8"))
+    defaults["model_repo"], defaults["model_revision"] = new_repo, new_revision
+    write_json_atomically(defaults_path, defaults)
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        text = text.replace(f"`{repo}`", f"`{new_repo}`")
+        text = text.replace(f"(revision `{revision}`)", f"(revision `{new_revision}`)")
+        text = text.replace(f"| `MODEL_REVISION` | `{revision}` |", f"| `MODEL_REVISION` | `{new_revision}` |")
+        partial = readme.with_name(readme.name + ".tmp")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, readme)
+
+
+def main() -> int:
+    folder = Path.cwd()
+    sys.dont_write_bytecode = True  # no __pycache__ in the generated app
+    sys.path.insert(0, str(folder))
+    import repo_check
+    from repo_url import RepoURLError, normalise
+
+    repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
+    try:
+        parsed = normalise(repo)
+    except RepoURLError as error:  # the pre-gen hook refuses these already
+        print(f"ERROR: {error.what} — {error.fix}", file=sys.stderr)
+        return 1
+    new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
+    if parsed.git_url != repo or new_revision != revision:
+        record_normalised(folder, repo, revision, parsed.git_url, new_revision)
+        print(f"{parsed.describe()}; defaults.json now says model_repo={parsed.git_url}, "
+              f"model_revision={new_revision}")
+    where = f"in {folder}"
+    if not wanted(ANSWERS["validate_model_repo"]):
+        print(f"The model repo was not checked (validate_model_repo=no) — run `python model_repo.py check` {where}"
+              " before deploying.")
+        return 0
+    print("Checking the model repo (no weights are downloaded)…", flush=True)
+    try:
+        report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
+                                       token=os.environ.get("MODEL_REPO_TOKEN", ""),
+                                       user=os.environ.get("MODEL_REPO_USER", ""))
+    except Exception as error:  # a bug in the check must not block generating the app
+        print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
+              f" `python model_repo.py check` {where} later", file=sys.stderr)
+        return 0
+    print(report.render(), flush=True)
+    if report.failed:
+        print(f"ERROR: {repo_check.summary(report)} — fix the model repo (or the answers) and generate again; to keep"
+              " the generated files anyway, add --keep-project-on-failure to the cookiecutter command, or answer"
+              " validate_model_repo=no and run `python model_repo.py check` later", file=sys.stderr, flush=True)
+        return 1
+    line = repo_check.summary(report)
+    print(f"WARNING: {line}" if report.unreachable or report.needs_token else line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("ERROR: interrupted — generate again, or answer validate_model_repo=no to skip the check",
+              file=sys.stderr)
+        sys.exit(130)
+# {% endraw %}
