@@ -127,6 +127,17 @@ def check_timeout(env: Optional[Mapping[str, str]] = None) -> float:
     return min(max(value, 1.0), MAX_TIMEOUT) if value == value else DEFAULT_TIMEOUT
 
 
+def human_bytes(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count:.0f} bytes"
+
+
+def human_params(count: float) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
+
+
 class Deadline:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -375,7 +386,7 @@ def _check_weights(listing: Listing) -> Tuple[Check, List[str]]:
         return failure, []
     total = sum(listing.sizes[f] for f in files)
     what = files[0] if len(files) == 1 else f"{len(files)} shards"
-    return Check("5 weights", OK, f"{what}, {total / 1e9:,.2f} GB"), files
+    return Check("5 weights", OK, f"{what}, {human_bytes(total)}"), files
 
 
 def _check_lfs(listing: Listing, weights: List[str]) -> Check:
@@ -396,7 +407,7 @@ def _check_lfs(listing: Listing, weights: List[str]) -> Check:
     if not weights:
         return Check(title, SKIP, "not checked (no weights)")
     stored = sum(listing.sizes[w] for w in weights)
-    return Check(title, OK, f"{len(weights)} file(s) in LFS ({stored / 1e9:,.2f} GB, not downloaded)")
+    return Check(title, OK, f"{len(weights)} file(s) in LFS ({human_bytes(stored)}, not downloaded)")
 
 
 def machine_memory() -> Optional[int]:
@@ -441,7 +452,7 @@ def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], har
     weight_bytes = sum(listing.sizes[w] for w in weights)
     gpu_bytes = 4 if dtype == "float32" else 2
     params, need, note = estimate_memory(weight_bytes, config, gpu_bytes)
-    size = f"{params / 1e9:.2f}B parameters, " if params else ""
+    size = f"{human_params(params)} parameters, " if params else ""
     unsure = " (" + note + ")" if note else ""
     if hardware == "cpu":
         _, need32, _ = estimate_memory(weight_bytes, config, 4)
