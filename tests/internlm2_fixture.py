@@ -218,7 +218,7 @@ def _write_tokenizer(folder: Path) -> int:
     return sp.get_piece_size()
 
 
-def internlm2_weights(config: dict, seed: int = 0) -> Dict[str, "object"]:
+def internlm2_weights(config: dict, seed: int = 0) -> Dict[str, object]:
     """Random InternLM2-named weights, scaled so activations and logits are far from zero and varied."""
     import torch
 
@@ -232,10 +232,10 @@ def internlm2_weights(config: dict, seed: int = 0) -> Dict[str, "object"]:
 
     weights = {"model.tok_embeddings.weight": normal(config["vocab_size"], hidden, std=1.0),
                "model.norm.weight": 1.0 + normal(hidden, std=0.1),
-               "output.weight": normal(config["vocab_size"], hidden, std=3.0 / math.sqrt(hidden))}
+               "output.weight": normal(config["vocab_size"], hidden, std=2.0 / math.sqrt(hidden))}
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
-        weights[prefix + "attention.wqkv.weight"] = normal(rows, hidden, std=1.5 / math.sqrt(hidden))
+        weights[prefix + "attention.wqkv.weight"] = normal(rows, hidden, std=1.0 / math.sqrt(hidden))
         weights[prefix + "attention.wo.weight"] = normal(hidden, heads * hidden // heads, std=1.0 / math.sqrt(hidden))
         if config.get("bias"):
             weights[prefix + "attention.wqkv.bias"] = normal(rows, std=0.1)

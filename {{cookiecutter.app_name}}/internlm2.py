@@ -168,19 +168,22 @@ def _shard_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
 
-def _read_shard(path: Path) -> Iterator[Dict[str, torch.Tensor]]:
-    """Yield one shard's tensors as a dict, memory-mapped where the format allows."""
+def _read_shard(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """One shard's tensors in dtype, each copied out of the memory-mapped file so the model owns its memory."""
+
+    def own(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            yield {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-        return
+            return {name: own(handle.get_tensor(name)) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     try:
-        tensors = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except (TypeError, RuntimeError):  # old torch without mmap, or a legacy non-zip file
-        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-    yield tensors
+        mapped = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except (TypeError, RuntimeError):  # torch without mmap, or a legacy non-zip file
+        mapped = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {name: own(tensor) for name, tensor in mapped.items()}
 
 
 def _rebuild_rope(model: torch.nn.Module, device: str) -> None:
@@ -207,16 +210,12 @@ def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu
     llama = llama_config(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(llama)
-    for path in _shard_files(folder):
-        for tensors in _read_shard(path):
-            part = convert_state_dict(tensors, config)
-            del tensors
-            copy = path.suffix != ".safetensors"  # detach from the mmap'd file so the model owns its memory
-            part = {name: t.to(device=device, dtype=dtype, copy=copy) if t.is_floating_point() else t.to(device)
-                    for name, t in part.items()}
-            model.load_state_dict(part, strict=False, assign=True)
-            del part
-            gc.collect()
+    for path in _shard_files(folder):  # one shard at a time: peak RAM is the weights plus one shard
+        part = convert_state_dict(_read_shard(path, dtype), config)
+        part = {name: tensor.to(device) for name, tensor in part.items()}
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
+        gc.collect()
     _rebuild_rope(model, device)
     missing = [name for name, tensor in _named_tensors(model) if tensor.is_meta]
     if missing:
@@ -233,18 +232,35 @@ def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu
     return model
 
 
+def reset_dynamic_rope(model: torch.nn.Module) -> None:
+    """Forget the longest length a dynamic-NTK RoPE has seen, so each generation starts from scratch.
+
+    transformers' dynamic RoPE keeps the frequencies of the longest sequence so far until a call is shorter
+    than max_position_embeddings; without a reset, a prompt between the two lengths would get stale
+    frequencies and replies would depend on earlier chats. Call it before every generate(); a no-op
+    for models without dynamic RoPE.
+    """
+    for module in model.modules():
+        original = getattr(module, "original_inv_freq", None)
+        if "RotaryEmbedding" not in type(module).__name__ or original is None:
+            continue
+        if not hasattr(module, "original_max_seq_len"):
+            continue
+        module.register_buffer("inv_freq", original.clone(), persistent=False)
+        module.max_seq_len_cached = module.original_max_seq_len
+
+
 def _named_tensors(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
     yield from model.named_parameters()
     yield from model.named_buffers()
 
 
 def _set_dtype(config: object, dtype: torch.dtype) -> None:
-    """Record the dtype under the name this transformers version reads (dtype in 5.x, torch_dtype in 4.x)."""
-    for attribute in ("dtype", "torch_dtype"):
-        try:
-            setattr(config, attribute, dtype)
-        except (AttributeError, TypeError, ValueError):
-            pass
+    """Record the dtype under the name this transformers version reads (dtype, or torch_dtype before 4.56)."""
+    if hasattr(config, "dtype"):
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
 
 
 def _special_tokens(folder: Path) -> Tuple[dict, List[str]]:
