@@ -23,16 +23,13 @@ ANSWERS = json.loads(r'''{
   "model_revision": {{ cookiecutter.model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
+  "max_new_tokens": {{ cookiecutter.max_new_tokens | tojson }},
+  "temperature": {{ cookiecutter.temperature | tojson }},
+  "top_p": {{ cookiecutter.top_p | tojson }},
+  "repetition_penalty": {{ cookiecutter.repetition_penalty | tojson }},
   "validate_model_repo": {{ cookiecutter.validate_model_repo | tojson }}
 }''')
 # {% raw %}
-FALSE_WORDS = ("0", "false", "no", "n", "off")
-
-
-def wanted(flag: object) -> bool:
-    return flag if isinstance(flag, bool) else str(flag).strip().lower() not in FALSE_WORDS
-
-
 def write_json_atomically(path: Path, data: dict) -> None:
     partial = path.with_name(path.name + ".tmp")
     partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -61,21 +58,22 @@ def main() -> int:
     sys.dont_write_bytecode = True  # no __pycache__ in the generated app
     sys.path.insert(0, str(folder))
     import repo_check
-    from repo_url import RepoURLError, normalise
+    from repo_url import normalise
 
-    repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
-    try:
-        parsed = normalise(repo)
-    except RepoURLError as error:  # the pre-gen hook refuses these already
-        print(f"ERROR: {error.what} — {error.fix}", file=sys.stderr)
+    problems = repo_check.check_answers(ANSWERS)  # as the pre-gen hook did, in case it could not
+    for what, fix in problems:
+        print(f"ERROR: {what} — {fix}", file=sys.stderr)
+    if problems:
         return 1
+    repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
+    parsed = normalise(repo)
     new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
     if parsed.git_url != repo or new_revision != revision:
         record_normalised(folder, repo, revision, parsed.git_url, new_revision)
         print(f"{parsed.describe()}; defaults.json now says model_repo={parsed.git_url}, "
               f"model_revision={new_revision}")
     where = f"in {folder}"
-    if not wanted(ANSWERS["validate_model_repo"]):
+    if not repo_check.is_yes(ANSWERS["validate_model_repo"]):
         print(f"The model repo was not checked (validate_model_repo=no) — run `python model_repo.py check` {where}"
               " before deploying.")
         return 0
