@@ -463,8 +463,10 @@ def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], har
             return Check(title, OK, detail + "; this machine's memory is unknown")
         detail += f"; this machine has {ram / GIB:.1f} GiB"
         if need16 > ram:
-            return Check(title, WARN, detail, "use a smaller model (about 1.8B parameters suits a CPU) or a GPU"
-                         " (hardware a10-24gb)")
+            _, need_gpu, _ = estimate_memory(weight_bytes, config, 2)
+            card = next((name for name, (_, usable) in CARDS.items() if need_gpu <= usable), "")
+            return Check(title, WARN, detail, "use a smaller model (about 1.8B parameters suits a CPU)"
+                         + (f" or a GPU (hardware {card})" if card else ""))
         if need32 > ram:
             return Check(title, WARN, detail + " (enough only where the CPU runs bfloat16)",
                          "use a smaller model or a machine with more memory")
