@@ -12,7 +12,8 @@ import pytest
 
 EXPECTED_FILES = {
     ".gitignore", "README.md", "app.py", "chat_history.py", "defaults.json", "engine.py", "git_tools.py",
-    "model_repo.py", "packages.txt", "requirements.txt", "ruff.toml", "settings.py", "startup.py",
+    "internlm2.py", "model_repo.py", "packages.txt", "repo_check.py", "repo_url.py", "requirements.txt", "ruff.toml",
+    "settings.py", "startup.py",
 }
 HARDWARE = ["auto", "a10-24gb", "a100-40gb", "cpu"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import pytest
@@ -66,8 +65,7 @@ def test_greedy_is_deterministic_and_cancel_ends_the_thread_fast(engine):
     assert first == second and len(first) > 5
     started = time.monotonic()
     pieces, generation = run(engine, ids, max_new_tokens=3000, cancel_after=10)
-    generation.thread.join(timeout=5)
-    assert not generation.thread.is_alive()
+    assert generation.finished.wait(timeout=5)
     assert time.monotonic() - started < 2.0
     assert 10 <= len(pieces) < 100  # it stopped, not ran to 3000 tokens
 
@@ -96,9 +94,8 @@ def test_generation_error_reaches_the_caller_and_frees_the_thread(engine):
     generation = engine.start(ids, inbox.put, 16, 0.7, -1.0, 1.0)  # top_p < 0 is rejected by transformers
     item = inbox.get(timeout=30)
     assert isinstance(item, Exception) and item is not Generation.DONE
-    generation.thread.join(timeout=5)
-    assert not generation.thread.is_alive()
-    assert threading.active_count() < 50
+    assert generation.finished.wait(timeout=5)
+    assert engine.active == 0
 
 
 def test_placement_never_uses_fp16_on_cpu(app_modules):

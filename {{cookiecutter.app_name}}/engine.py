@@ -8,8 +8,10 @@ Stop or a disconnect frees the slot at once.
 
 from __future__ import annotations
 
+import json
 import platform
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -19,6 +21,8 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from internlm2 import check_supported, is_internlm2, load_internlm2_as_llama, native_tokenizer, reset_dynamic_rope
 
 IM_END = "<|im_end|>"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -70,6 +74,22 @@ def choose_placement(hardware: str, requested_dtype: str = "auto") -> Placement:
         dtype = torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
     name = torch.cuda.get_device_name(0) if use_cuda else "CPU"
     return Placement("cuda" if use_cuda else "cpu", dtype, f"{name} · {str(dtype).replace('torch.', '')}")
+
+
+def load_model(path: Path, placement: Placement, loader: str) -> Tuple[object, object]:
+    """Model and tokenizer; InternLM2 runs natively as Llama unless remote code was chosen."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    remote = loader == "remote-code"
+    if not remote:
+        check_supported(config)
+        if is_internlm2(config):
+            return load_internlm2_as_llama(path, placement.dtype, placement.device), native_tokenizer(path)
+    kwargs: Dict[str, object] = {_dtype_keyword(): placement.dtype, "trust_remote_code": remote}
+    if placement.device == "cuda":
+        kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model.eval(), tokenizer
 
 
 def _dtype_keyword() -> str:
@@ -134,13 +154,13 @@ class _TextSink(BaseStreamer):
 
 
 class Generation:
-    """One reply generating in a background thread; ``cancel()`` stops it at the next token."""
+    """One reply generating on a worker thread; ``cancel()`` stops it at the next token."""
 
     DONE = object()
 
-    def __init__(self, thread: threading.Thread, cancelled: threading.Event, dropped_turns: int) -> None:
-        self.thread = thread
-        self.cancelled = cancelled
+    def __init__(self, dropped_turns: int) -> None:
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
         self.dropped_turns = dropped_turns
 
     def cancel(self) -> None:
@@ -148,23 +168,33 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: object, tokenizer: object, placement: Placement) -> None:
+    """A loaded model plus one long-lived worker thread per concurrent reply.
+
+    Long-lived workers matter on the CPU: each new thread would start its own
+    OpenMP pool while the old one still spins, which halves tokens/s on small machines.
+    """
+
+    def __init__(self, model: object, tokenizer: object, placement: Placement, workers: int = 1) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.placement = placement
         self.stop_ids = self._stop_ids()
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+        self._active = 0
+        self._active_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path, hardware: str, requested_dtype: str = "auto") -> "Engine":
+    def load(cls, path: Path, hardware: str, requested_dtype: str = "auto", loader: str = "native",
+             workers: int = 1) -> "Engine":
         placement = choose_placement(hardware, requested_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        kwargs = {_dtype_keyword(): placement.dtype}
-        if placement.device == "cuda":
-            kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        model.eval()
-        return cls(model, tokenizer, placement)
+        model, tokenizer = load_model(path, placement, loader)
+        return cls(model, tokenizer, placement, workers)
+
+    @property
+    def active(self) -> int:
+        """Replies being generated right now."""
+        return self._active
 
     def _stop_ids(self) -> List[int]:
         """eos and <|im_end|>, whatever generation_config.json lists: repos often list eos alone."""
@@ -218,7 +248,7 @@ class Engine:
         dropped_turns: int = 0,
     ) -> Generation:
         """Start generating; ``emit`` gets each text piece, then an exception or Generation.DONE."""
-        cancelled = threading.Event()
+        generation = Generation(dropped_turns)
         device = self.model.device
         input_ids = torch.tensor([ids], device=device)
         sampling: Dict[str, object] = {"do_sample": False}
@@ -231,22 +261,27 @@ class Engine:
             eos_token_id=self.stop_ids,
             pad_token_id=self.stop_ids[0],
             repetition_penalty=repetition_penalty,
-            stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+            stopping_criteria=StoppingCriteriaList([_Cancelled(generation.cancelled)]),
             streamer=_TextSink(IncrementalDecoder(self.tokenizer, self.stop_ids), emit),
             **sampling,
         )
 
         def work() -> None:
+            with self._active_lock:
+                self._active += 1
             try:
+                reset_dynamic_rope(self.model)
                 with torch.inference_mode():
                     self.model.generate(**kwargs)
+                emit(Generation.DONE)
             except Exception as error:  # reaches the user as a chat message, the app keeps serving
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 emit(error)
-                return
-            emit(Generation.DONE)
+            finally:
+                with self._active_lock:
+                    self._active -= 1
+                generation.finished.set()
 
-        thread = threading.Thread(target=work, name="generate", daemon=True)
-        thread.start()
-        return Generation(thread, cancelled, dropped_turns)
+        self.workers.submit(work)
+        return generation

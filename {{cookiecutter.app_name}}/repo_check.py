@@ -215,7 +215,7 @@ def list_remote(url: str, revision: str, work: Path, env: Dict[str, str], deadli
         run_git(["fetch", "-q", "--no-tags", "origin"], "git fetch", env, cwd=work, timeout=deadline.left(),
                 secrets=secrets)
         try:
-            target = run_git(["rev-parse", "--verify", "-q", f"{revision}^{{commit}}"], "git rev-parse", env,
+            target = run_git(["rev-parse", "--verify", "-q", revision + "^" + "{commit}"], "git rev-parse", env,
                              cwd=work, timeout=deadline.left(20)).strip()
         except RepoError:
             raise RepoError(f"git fetch: revision not found ({revision})",

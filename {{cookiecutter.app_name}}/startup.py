@@ -58,7 +58,7 @@ class ModelStatus:
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "error": self.error,
                 "device": self.engine.placement.label if self.engine else "",
-                "generating": sum(t.name == "generate" and t.is_alive() for t in threading.enumerate()),
+                "generating": self.engine.active if self.engine else 0,
             }
 
 
@@ -80,7 +80,7 @@ def prepare(settings: Settings, status: ModelStatus) -> None:
         )
         status.progress("loading", 0, 0)
         print(f"[engine] loading {folder}", flush=True)
-        engine = Engine.load(folder, settings.hardware, settings.dtype)
+        engine = Engine.load(folder, settings.hardware, settings.dtype, settings.loader, settings.concurrency_limit)
         print(f"[engine] ready on {engine.placement.label}", flush=True)
         status.succeed(engine)
     except (RepoError, ValueError, OSError) as error:
