@@ -75,10 +75,16 @@ def test_logits_match_oracle(pair, internlm2) -> None:
     assert max(lengths) > 32
 
 
-def test_dynamic_scaling_really_applies(pair, internlm2) -> None:
-    folder, oracle, native = pair
-    if not json.loads((folder / "config.json").read_text())["rope_scaling"]:
-        pytest.skip("only the dynamic variant scales RoPE")
+@pytest.fixture(scope="module")
+def dynamic_pair(tmp_path_factory: pytest.TempPathFactory, internlm2):
+    """(folder, oracle, native) for the checkpoint with dynamic NTK RoPE scaling."""
+    folder = fx.build_internlm2(tmp_path_factory.mktemp("dynamic-only") / "model", **VARIANTS["dynamic"])
+    oracle = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True, dtype=torch.float32).eval()
+    return folder, oracle, internlm2.load_internlm2_as_llama(folder, torch.float32, "cpu")
+
+
+def test_dynamic_scaling_really_applies(dynamic_pair, internlm2) -> None:
+    folder, oracle, native = dynamic_pair
     ids = _ids(internlm2, folder, PROMPTS[-1])
     with torch.no_grad():
         scaled = oracle(ids).logits
