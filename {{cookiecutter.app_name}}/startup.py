@@ -13,7 +13,8 @@ from typing import Optional
 
 from engine import Engine
 from git_tools import RepoError
-from model_repo import ModelSource, ensure_model, resolve_source
+from model_repo import ModelSource, ensure_model, local_copy_is_good, resolve_source
+from repo_check import check_settings
 from settings import Settings
 
 
@@ -68,10 +69,24 @@ def model_source(settings: Settings) -> ModelSource:
     return resolve_source(settings.model_repo, settings.model_revision)
 
 
+def preflight(settings: Settings, source: ModelSource) -> None:
+    """Check the repo before a long download, so a broken one fails in seconds rather than after 15 GB."""
+    if source.local_folder is not None or local_copy_is_good(settings.model_dir, source):
+        return
+    report = check_settings(settings)
+    print(report.render(), flush=True)
+    if report.failed:
+        what = "; ".join(f"{check.title}: {check.detail}" for check in report.failed)
+        fix = "; ".join(check.fix for check in report.failed if check.fix) or "fix the model repo and restart"
+        raise RepoError(f"the model repo check failed ({what})", fix)
+
+
 def prepare(settings: Settings, status: ModelStatus) -> None:
     try:
+        source = model_source(settings)
+        preflight(settings, source)
         folder = ensure_model(
-            model_source(settings),
+            source,
             settings.model_dir,
             token=settings.repo_token,
             user=settings.repo_user,
