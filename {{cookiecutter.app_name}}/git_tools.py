@@ -12,12 +12,25 @@ import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 POINTER_MAX_BYTES = 1024
 STALL_SECONDS = 30
+# git-lfs retries a stalled object 8 times by default, each after a full stall: 2 keeps a dead host's
+# failure within about (1 + LFS_RETRIES) stall bounds, while a short hiccup still resumes (Range request).
+LFS_RETRIES = 2
 NETWORK_FIX = "check the network or proxy, then start again"
+_STALL_SIGNS = ("i/o timeout", "operation too slow", "timed out", "timeout awaiting", "deadline exceeded")
+
+
+def stall_seconds(env: Optional[Mapping[str, str]] = None) -> int:
+    """Seconds without data after which a transfer counts as stalled: MODEL_STALL_SECONDS, else 30."""
+    raw = (os.environ if env is None else env).get("MODEL_STALL_SECONDS", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else STALL_SECONDS
+    except ValueError:
+        return STALL_SECONDS
 
 
 class RepoError(RuntimeError):
@@ -39,18 +52,20 @@ def git_env(token: str = "", user: str = "", base: Optional[Mapping[str, str]] =
     credential helpers are reset so none of them stores it.
     """
     env = dict(os.environ if base is None else base)
+    stall = stall_seconds(env)
     env.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_LFS_SKIP_SMUDGE="1",
         GIT_HTTP_LOW_SPEED_LIMIT="1000",
-        GIT_HTTP_LOW_SPEED_TIME=str(STALL_SECONDS),
+        GIT_HTTP_LOW_SPEED_TIME=str(stall),
         GIT_SSH_COMMAND=env.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes -o ConnectTimeout=15"),
         GCM_INTERACTIVE="never",
         LC_ALL="C",
     )
     for noisy in ("GIT_TRACE", "GIT_CURL_VERBOSE", "GIT_TRACE_CURL", "GIT_TRACE_PACKET"):
         env.pop(noisy, None)
-    config = [("lfs.activitytimeout", str(STALL_SECONDS)), ("lfs.dialtimeout", "15")]
+    config = [("lfs.activitytimeout", str(stall)), ("lfs.dialtimeout", "15"),
+              ("lfs.transfer.maxretries", str(LFS_RETRIES)), ("lfs.transfer.maxretrydelay", str(min(stall, 10)))]
     if token:
         credentials = base64.b64encode(f"{user or 'oauth2'}:{token}".encode()).decode()
         config += [("credential.helper", ""), ("http.extraHeader", f"Authorization: Basic {credentials}")]
@@ -70,10 +85,11 @@ def redact(text: str, secrets: Sequence[str]) -> str:
     return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
 
 
-def explain_failure(step: str, stderr: str) -> RepoError:
+def explain_failure(step: str, stderr: str, stall: int = STALL_SECONDS) -> RepoError:
     """Turn git's stderr into a message that says what failed and what to do."""
     lower = stderr.lower()
     detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+    stalled = [line for line in stderr.splitlines() if any(sign in line.lower() for sign in _STALL_SIGNS)]
     if "could not read username" in lower or "authentication failed" in lower or " 401" in lower or " 403" in lower:
         return RepoError(
             f"{step}: the model repo needs a login",
@@ -86,6 +102,12 @@ def explain_failure(step: str, stderr: str) -> RepoError:
     if any(s in lower for s in ("couldn't find remote ref", "not our ref", "unknown revision", "did not match any")):
         fix = "check MODEL_REVISION: a branch, tag or commit of the model repo"
         return RepoError(f"{step}: revision not found ({detail})", fix, "revision")
+    if stalled:
+        return RepoError(
+            f"{step}: timed out — the model host sent no data for {stall} s ({stalled[-1].strip()[-160:]})",
+            f"{NETWORK_FIX}; the download resumes where it stopped (MODEL_STALL_SECONDS sets the bound)",
+            "network",
+        )
     network = ("could not resolve host", "connection refused", "timed out", "timeout", "could not resolve hostname",
                "network is unreachable", "no route to host", "connection reset", "empty reply from server",
                "operation too slow", "failed to connect", "couldn't connect", "connection closed by remote host")
@@ -121,8 +143,13 @@ def run_git(
     cwd: Optional[Path] = None,
     timeout: Optional[float] = None,
     secrets: Sequence[str] = (),
+    on_start: Optional[Callable[[int], None]] = None,
 ) -> str:
-    """Run one git command; raise RepoError with a clear message on any failure."""
+    """Run one git command; raise RepoError with a clear message on any failure.
+
+    ``on_start`` gets the process group id (posix), so a later start can end the
+    helpers of a git that outlived its app (kill -9 ends the app, not its children).
+    """
     # Own process group, so a timeout also ends git's helpers (git-remote-https, ssh, git-lfs).
     group = {"start_new_session": True} if os.name == "posix" else {}
     try:
@@ -142,6 +169,8 @@ def run_git(
         raise RepoError("git is not installed", "install git (on Debian/Ubuntu: apt-get install git)",
                         "missing-tool") from None
     try:
+        if on_start is not None:
+            on_start(process.pid)
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill(process)
@@ -151,7 +180,7 @@ def run_git(
         raise
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if done.returncode != 0:
-        error = explain_failure(step, redact(done.stderr, secrets))
+        error = explain_failure(step, redact(done.stderr, secrets), stall_seconds(env))
         raise error
     return done.stdout
 

@@ -115,13 +115,37 @@ def local_copy_is_good(folder: Path, source: ModelSource) -> bool:
     return True
 
 
+def _end_orphaned_git(groups: List[int]) -> None:
+    """End the git/git-lfs process groups a killed app left running, so they stop writing into the work folder.
+
+    A group counts only while one of its members still runs git (a reused id of another program is left alone).
+    """
+    proc = Path("/proc")
+    if os.name != "posix" or not proc.is_dir():
+        return
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            name = stat.with_name("comm").read_text().strip()
+            if int(fields[2]) in groups and name.startswith("git"):
+                os.killpg(int(fields[2]), 9)
+
+
 class DirectoryLock:
-    """An exclusive-create lock file: works on every OS and every filesystem git works on."""
+    """An exclusive-create lock file: works on every OS and every filesystem git works on.
+
+    The first line is the holder's pid; ``record`` adds the process group of each git it
+    starts, so whoever takes over from a killed holder can end that holder's git first.
+    """
 
     def __init__(self, path: Path, on_wait: Callable[[], None]) -> None:
         self.path = path
         self.on_wait = on_wait
         self.handle: Optional[int] = None
+
+    def record(self, group: int) -> None:
+        if self.handle is not None:
+            os.write(self.handle, f"{group}\n".encode())
 
     def _holder_is_gone(self) -> bool:
         if os.name == "nt":
@@ -131,9 +155,10 @@ class DirectoryLock:
             except OSError:
                 return False
         try:
-            pid = int(self.path.read_text().split()[0])
-            os.kill(pid, 0)
+            numbers = [int(word) for word in self.path.read_text().split()]
+            os.kill(numbers[0], 0)
         except ProcessLookupError:
+            _end_orphaned_git(numbers[1:])
             return True
         except (OSError, ValueError, IndexError):
             return False
@@ -225,15 +250,65 @@ def lfs_sizes(work: Path) -> Dict[str, int]:
     return sizes
 
 
+def _salvage_lfs(work: Path, keep: Path) -> None:
+    """Move what an earlier attempt fetched out of its work folder, then drop the folder.
+
+    Objects in ``.git/lfs/objects`` were checked by git-lfs before they got there; a
+    partial file resumes with a Range request and is checked when complete.
+    """
+    lfs = work / ".git" / "lfs"
+    if lfs.is_dir() and any(lfs.rglob("*")):
+        shutil.rmtree(keep, ignore_errors=True)
+        os.replace(lfs, keep)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _restore_lfs(keep: Path, work: Path) -> int:
+    """Put salvaged LFS data into a fresh clone; return the bytes that need no new download.
+
+    A pull that failed on the network leaves ``incomplete/<oid>.part``; one killed by a
+    signal leaves ``incomplete/<oid><random digits>``, which git-lfs would never resume,
+    so the biggest such file per object becomes its ``.part``.
+    """
+    if not keep.is_dir():
+        return 0
+    lfs = work / ".git" / "lfs"
+    reused = 0
+    for stored in sorted((keep / "objects").rglob("*")) if (keep / "objects").is_dir() else []:
+        if stored.is_file():
+            destination = lfs / stored.relative_to(keep)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            reused += stored.stat().st_size
+            os.replace(stored, destination)
+    partial: Dict[str, Path] = {}
+    for piece in (keep / "incomplete").iterdir() if (keep / "incomplete").is_dir() else []:
+        oid = piece.name[:64]
+        named = len(oid) == 64 and all(c in "0123456789abcdef" for c in oid) and piece.is_file()
+        if named and (oid not in partial or piece.stat().st_size > partial[oid].stat().st_size):
+            partial[oid] = piece
+    if partial:
+        (lfs / "incomplete").mkdir(parents=True, exist_ok=True)
+    for oid, piece in partial.items():
+        reused += piece.stat().st_size
+        os.replace(piece, lfs / "incomplete" / f"{oid}.part")
+    shutil.rmtree(keep, ignore_errors=True)
+    return reused
+
+
 def download(source: ModelSource, target: Path, token: str = "", user: str = "", keep_lfs_cache: bool = False,
-             progress: Progress = _no_progress) -> None:
-    """Clone beside target, pull LFS, verify, then rename into place; leave nothing behind on failure."""
+             progress: Progress = _no_progress, on_git_start: Optional[Callable[[int], None]] = None) -> None:
+    """Clone beside target, pull LFS, verify, then rename into place.
+
+    Only the LFS bytes of an attempt that failed on the network (or was killed) are kept,
+    in ``.NAME.partial`` beside target, so the next start resumes instead of starting over.
+    """
     env = git_env(token, user)
     require_git_lfs(env)
     work = target.parent / f".{target.name}.download"
-    shutil.rmtree(work, ignore_errors=True)  # a killed earlier attempt
+    keep = target.parent / f".{target.name}.partial"
+    _salvage_lfs(work, keep)  # a killed earlier attempt
     try:
-        commit, sizes = _clone_verified(source, work, env, (token,), progress)
+        commit, sizes = _clone_verified(source, work, env, (token,), progress, keep, on_git_start)
         if not keep_lfs_cache:
             shutil.rmtree(work / ".git" / "lfs" / "objects", ignore_errors=True)
         write_marker(work, {"url": source.url, "revision": source.revision, "commit": commit, "lfs_sizes": sizes})
@@ -242,6 +317,13 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
             os.replace(target, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(work, target)
+    except RepoError as error:
+        if error.kind == "network":
+            _salvage_lfs(work, keep)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(keep, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -249,8 +331,8 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
     print(f"[model] ready: {target} at {commit[:12]} ({total / 1e6:,.1f} MB verified)", flush=True)
 
 
-def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple,
-                    progress: Progress) -> Tuple[str, Dict[str, int]]:
+def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple, progress: Progress,
+                    keep: Path, on_git_start: Optional[Callable[[int], None]]) -> Tuple[str, Dict[str, int]]:
     progress("checking", 0, 0)
     if source.url.startswith("file://") and not Path(urlsplit(source.url).path).exists():
         raise RepoError(f"model repo {source.url} does not exist", "check MODEL_REPO: the folder must exist")
@@ -258,13 +340,15 @@ def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secret
     sizes = lfs_sizes(work)
     total = sum(sizes.values())
     _check_disk(work.parent, total)
-    print(f"[model] {len(sizes)} LFS files, {total / 1e6:,.1f} MB to download", flush=True)
+    reused = _restore_lfs(keep, work)
+    resumed = f", resuming with {reused / 1e6:,.1f} MB already here" if reused else ""
+    print(f"[model] {len(sizes)} LFS files, {total / 1e6:,.1f} MB to download{resumed}", flush=True)
     finished = threading.Event()
     watcher = threading.Thread(target=_watch_transfer, args=(work / ".git" / "lfs", total, progress, finished),
                                daemon=True)
     watcher.start()
     try:
-        run_git(["lfs", "pull", "origin"], "git lfs pull", env, cwd=work, secrets=secrets)
+        run_git(["lfs", "pull", "origin"], "git lfs pull", env, cwd=work, secrets=secrets, on_start=on_git_start)
     finally:
         finished.set()
         watcher.join()
@@ -286,9 +370,9 @@ def ensure_model(source: ModelSource, model_dir: Path, token: str = "", user: st
         print(f"[model] using the verified local copy in {model_dir} (no download)", flush=True)
         return model_dir
     lock_path = model_dir.parent / f".{model_dir.name}.lock"
-    with DirectoryLock(lock_path, on_wait=lambda: progress("waiting", 0, 0)):
+    with DirectoryLock(lock_path, on_wait=lambda: progress("waiting", 0, 0)) as lock:
         if not local_copy_is_good(model_dir, source):  # another process may have finished meanwhile
-            download(source, model_dir, token, user, keep_lfs_cache, progress)
+            download(source, model_dir, token, user, keep_lfs_cache, progress, lock.record)
     return model_dir
 
 
