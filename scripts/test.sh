@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v git-lfs >/dev/null 2>&1 || missing+=(git-lfs)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# A CJK font, so screenshots of the Chinese page are legible.
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || missing+=(fonts-wqy-microhei)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,13 +1,14 @@
 """The chat page: serves at once, shows the model's start, then streams replies.
 
 Run it with ``python app.py``. Every setting is in settings.py and can be
-changed with an environment variable.
+changed with an environment variable. The same code runs on gradio 4.44, 5.x and 6.x.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import sys
 
@@ -21,45 +22,69 @@ import gradio as gr  # noqa: E402
 
 from chat_history import clean_text, normalise_history  # noqa: E402
 from engine import Generation, InputTooLong  # noqa: E402
+from repo_url import RepoURLError, normalise  # noqa: E402
 from settings import Settings, SettingsError, load_settings  # noqa: E402
 from startup import ModelStatus, start_in_background  # noqa: E402
+from ui_text import texts  # noqa: E402
+
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
 
-def status_markdown(status: ModelStatus) -> str:
+def accepted(factory: object, **options: object) -> dict:
+    """Only the keyword arguments this gradio version's ``factory`` takes: the API moved in 4.38, 5.0 and 6.0."""
+    parameters = inspect.signature(factory).parameters
+    return {key: value for key, value in options.items() if key in parameters}
+
+
+def model_link(settings: Settings) -> str:
+    if settings.model_path is not None:
+        return f"`{settings.model_path.name}`"
+    try:
+        repo = normalise(settings.model_repo)
+    except RepoURLError:
+        return f"`{settings.model_repo}`"
+    path = repo.git_url.rstrip("/")
+    name = "/".join((path[:-4] if path.endswith(".git") else path).split("/")[-2:])
+    return f"[{name}]({repo.web_url})" if repo.web_url else f"`{name}`"
+
+
+def status_markdown(status: ModelStatus, t: dict) -> str:
     state = status.snapshot()
-    stage, elapsed = state["stage"], state["elapsed_s"]
+    elapsed = t["elapsed"].format(seconds=int(state["elapsed_s"]))
+    stage = state["stage"]
     if stage == "ready":
-        return f"✅ Model ready on **{state['device']}**"
+        return f"✅ {t['ready']} · {t['runs_on']} **{state['device']}**"
     if stage == "failed":
-        return f"❌ **The model could not start.** {state['error']}"
+        what, _, fix = state["error"].partition(" — ")
+        advice = f"\n\n**{t['how_to_fix']}:** {fix}" if fix else ""
+        return f"### ❌ {t['failed']}\n\n{what}{advice}"
     if stage == "downloading":
-        return (
-            f"⏳ Downloading the model: {state['done_bytes'] / 1e6:,.1f} / {state['total_bytes'] / 1e6:,.1f} MB"
-            f" ({state['percent']}%) · {elapsed:.0f} s"
-        )
-    return f"⏳ {stage.capitalize()} the model… · {elapsed:.0f} s"
+        return (f"⏳ {t['downloading']}: {state['done_bytes'] / 1e6:,.1f} / {state['total_bytes'] / 1e6:,.1f} MB"
+                f" ({state['percent']}%) · {elapsed}")
+    return f"⏳ {t.get(stage, stage)}… · {elapsed}"
 
 
-def make_respond(settings: Settings, status: ModelStatus):
+def make_respond(settings: Settings, status: ModelStatus, t: dict):
     async def respond(message, history, system_prompt=settings.system_prompt, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, top_p=settings.top_p,
                       repetition_penalty=settings.repetition_penalty):
         message = clean_text(message if isinstance(message, str) else str((message or {}).get("text", "")))
         if not message.strip():
-            yield "Please type a message."
+            yield t["empty"]
             return
         engine = status.engine
         if engine is None:
-            yield status_markdown(status)
+            failed = status.snapshot()["stage"] == "failed"
+            yield t["not_ready_failed"] if failed else t["still_loading"].format(percent=status.percent)
             return
         try:
             ids, dropped = engine.fit_prompt(clean_text(system_prompt or ""), normalise_history(history), message,
                                              int(max_new_tokens))
         except InputTooLong as error:
-            yield str(error)
+            yield t["too_long"].format(tokens=error.tokens, limit=error.limit)
             return
         if dropped:
-            gr.Info(f"The oldest {dropped} turn(s) were left out to fit the model's context.")
+            gr.Info(t["dropped"].format(count=dropped))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
@@ -81,7 +106,7 @@ def make_respond(settings: Settings, status: ModelStatus):
                         finished = True
                     elif isinstance(item, Exception):
                         finished = True
-                        reply += f"\n\n⚠️ Generation failed: {type(item).__name__}. Please try again."
+                        reply += "\n\n⚠️ " + t["generation_failed"].format(error=type(item).__name__)
                     else:
                         reply += item
                 if reply != before or (finished and not reply):
@@ -93,25 +118,67 @@ def make_respond(settings: Settings, status: ModelStatus):
 
 
 def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
+    t = texts(settings.ui_language)
     with gr.Blocks(title=settings.app_title) as demo:
-        gr.Markdown(f"# {settings.app_title}\n{settings.description}")
-        status_line = gr.Markdown(status_markdown(status))
-        gr.Timer(1.0).tick(lambda: status_markdown(status), outputs=status_line, concurrency_limit=None,
-                           show_progress="hidden")
+        gr.Markdown(f"# {settings.app_title}\n{settings.description}\n\n**{t['model']}:** {model_link(settings)}")
+        status_line = gr.Markdown(status_markdown(status, t), elem_id="model-status")
+        ready = status.engine is not None
+        # gradio 5+ puts the Send/Stop buttons on the textbox, 4.x on the ChatInterface.
+        buttons = {"submit_btn": t["submit"], "stop_btn": t["stop"]}
+        on_textbox = accepted(gr.Textbox, **buttons)
+        textbox = gr.Textbox(placeholder=t["placeholder"] if ready else t["placeholder_loading"], interactive=ready,
+                             show_label=False, scale=7, autofocus=True, elem_id="chat-input", render=False,
+                             **on_textbox)
+        chatbot = gr.Chatbot(**accepted(gr.Chatbot, type="messages", height=520, latex_delimiters=LATEX,
+                                        render_markdown=True, show_copy_button=True, buttons=["copy", "copy_all"],
+                                        elem_id="chatbot", render=False))
+        with gr.Column(elem_id="chat-area") as chat_area:
+            gr.ChatInterface(
+                make_respond(settings, status, t),
+                **accepted(
+                    gr.ChatInterface,
+                    chatbot=chatbot,
+                    textbox=textbox,
+                    type="messages",
+                    additional_inputs=[
+                        gr.Textbox(settings.system_prompt, label=t["system_prompt"], lines=2, render=False),
+                        gr.Slider(1, 8192, value=settings.max_new_tokens, step=1, label=t["max_new_tokens"],
+                                  render=False),
+                        gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label=t["temperature"],
+                                  render=False),
+                        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label=t["top_p"], render=False),
+                        gr.Slider(1.0, 2.0, value=settings.repetition_penalty, step=0.005,
+                                  label=t["repetition_penalty"], render=False),
+                    ],
+                    additional_inputs_accordion=gr.Accordion(t["settings"], open=False, render=False),
+                    **({} if on_textbox else buttons),
+                    clear_btn=t["clear"],
+                    retry_btn=None,
+                    undo_btn=None,
+                    api_name="chat",
+                ),
+            )
+            if settings.example_prompts:  # fill the box only: ChatInterface's examples would also reset the sliders
+                gr.Examples([[prompt] for prompt in settings.example_prompts], inputs=[textbox], label=t["examples"])
+
+        def refresh():
+            """Poll the start; once it settles, unlock or hide the chat and stop polling."""
+            stage = status.snapshot()["stage"]
+            settled = stage in ("ready", "failed")
+            return (
+                status_markdown(status, t),
+                gr.Column(visible=stage != "failed"),
+                gr.Textbox(interactive=stage == "ready",
+                           placeholder=t["placeholder"] if stage == "ready" else t["placeholder_loading"]),
+                gr.Timer(active=not settled),
+            )
+
+        timer = gr.Timer(1.0)
+        timer.tick(refresh, outputs=[status_line, chat_area, textbox, timer], concurrency_limit=None,
+                   show_progress="hidden", **accepted(timer.tick, api_visibility="private", show_api=False))
         status_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(status.snapshot, outputs=status_json, api_name="status",
                                        concurrency_limit=None)
-        gr.ChatInterface(
-            make_respond(settings, status),
-            additional_inputs=[
-                gr.Textbox(settings.system_prompt, label="System prompt", lines=2),
-                gr.Slider(1, 8192, value=settings.max_new_tokens, step=1, label="Max new tokens"),
-                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)"),
-                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
-                gr.Slider(1.0, 2.0, value=settings.repetition_penalty, step=0.005, label="Repetition penalty"),
-            ],
-            api_name="chat",
-        )
     return demo
 
 

@@ -40,6 +40,11 @@ def internlm2_prompt(messages: List[Message], bos: str) -> str:
 class InputTooLong(ValueError):
     """The user's message alone does not fit the model's context."""
 
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"The message is too long: {tokens} tokens, and this model reads at most {limit}.")
+        self.tokens = tokens
+        self.limit = limit
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -228,10 +233,7 @@ class Engine:
             if len(ids) <= budget:
                 return ids, dropped
             if not history:
-                raise InputTooLong(
-                    f"The message is too long: {len(ids)} tokens, and this model reads at most {budget}. "
-                    "Please shorten it."
-                )
+                raise InputTooLong(len(ids), budget)
             # Drop through the next user turn so the history still starts with the user.
             cut = next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
             history = history[cut:]

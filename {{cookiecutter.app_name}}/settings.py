@@ -19,6 +19,7 @@ DEFAULTS_FILE = HERE / "defaults.json"
 HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
+LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.
 RANGES = {
@@ -39,6 +40,8 @@ class SettingsError(ValueError):
 class Settings:
     app_title: str
     description: str
+    ui_language: str
+    example_prompts: Tuple[str, ...]
     model_repo: str
     model_revision: str
     model_dir: Path
@@ -118,6 +121,8 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
     return Settings(
         app_title=text("app_title"),
         description=text("description"),
+        ui_language=_choice(env, "ui_language", defaults.get("ui_language", "zh"), LANGUAGE_CHOICES),
+        example_prompts=tuple(p.strip() for p in text("example_prompts").split("|") if p.strip()),
         model_repo=model_repo,
         model_revision=text("model_revision").strip() or "main",
         model_dir=Path(env.get("MODEL_DIR") or HERE / "model").expanduser().resolve(),
