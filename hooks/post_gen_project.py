@@ -51,6 +51,15 @@ def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new
         partial = readme.with_name(readme.name + ".tmp")
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, readme)
+    deploy_path = folder / "ms_deploy.json"  # rendered only for ModelScope
+    if deploy_path.is_file():
+        deploy = json.loads(deploy_path.read_text(encoding="utf-8"))
+        for variable in deploy.get("environment_variables", []):
+            if variable.get("name") == "MODEL_REPO":
+                variable["value"] = new_repo
+            elif variable.get("name") == "MODEL_REVISION":
+                variable["value"] = new_revision
+        write_json_atomically(deploy_path, deploy)
 
 
 def main() -> int:
