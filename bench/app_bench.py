@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List
 
-from common import BENCH, CHILD_ENV, OUT, PYTHON, clock, endless_model, median
+from common import BENCH, CHILD_ENV, OUT, PYTHON, clock, endless_model, median, write
 
 PROMPT = "Hello"
 USER, TOKEN = "bench", "bench-token"
@@ -362,13 +362,14 @@ def reply_problem(text: object) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--starts", type=int, default=3)
     args = parser.parse_args()
     results = measure(args.tokens, args.runs, args.starts)
     results.pop("expected_text", None)
-    print(json.dumps(results, indent=1, default=str))
+    write(results, args.json)
 
 
 if __name__ == "__main__":

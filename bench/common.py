@@ -115,5 +115,9 @@ def run_worker(args: List[str], timeout: float = 600) -> dict:
     return json.loads(lines[-1])
 
 
-def fmt_ratio(value: float) -> str:
-    return f"{value:.2f}"
+def write(results: dict, path: Optional[str]) -> None:
+    """Print the figures as JSON, and write them to path when one is given."""
+    text = json.dumps(results, indent=1, default=str)
+    print(text)
+    if path:
+        Path(path).write_text(text, encoding="utf-8")

@@ -7,6 +7,7 @@ Usage: .venv/bin/python bench/stream_efficiency.py [--tokens 128] [--runs 5]
 from __future__ import annotations
 
 import argparse
+import json
 import queue
 
 from common import bench_model, clock, machine, median
@@ -18,6 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
     import torch
@@ -63,6 +65,11 @@ def main() -> None:
     print(f"plain generate: {median(plain_rates):.1f} tok/s; engine stream: {median(stream_rates):.1f} tok/s")
     print(f"stream efficiency (median of per-run ratios): {ratio:.3f}  goal >= {GOAL}: "
           f"{'PASS' if ratio >= GOAL else 'FAIL'}")
+    if args.json:
+        record = {"engine_stream": ratio, "plain_tok_s": median(plain_rates), "stream_tok_s": median(stream_rates),
+                  "tokens": args.tokens, "runs": args.runs, "params": params * 1e6}
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
 
 
 if __name__ == "__main__":

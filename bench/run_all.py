@@ -1,0 +1,153 @@
+"""Run every benchmark, print the table and write bench/results.md (not part of CI).
+
+Usage: .venv/bin/python bench/run_all.py [--quick]
+
+Each part runs in its own interpreter and hands back JSON; every figure is a ratio (or a difference) of two
+things measured side by side in the same run, alternating, median of several runs, so that the noise of a
+shared machine hits both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from common import BENCH, OUT, PYTHON, child_env, clock, machine
+
+MiB = 1024 * 1024
+
+
+def run_part(script: str, args: list, name: str) -> dict:
+    target = OUT / f"{name}.json"
+    target.unlink(missing_ok=True)
+    started = clock()
+    print(f"== {script} {' '.join(args)}", flush=True)
+    done = subprocess.run([PYTHON, str(BENCH / script), *args, "--json", str(target)], env=child_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0 or not target.exists():
+        print(done.stderr[-3000:], file=sys.stderr)
+        return {"error": f"{script} failed with exit code {done.returncode}"}
+    print(f"   {clock() - started:.0f} s", flush=True)
+    return json.loads(target.read_text(encoding="utf-8"))
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def spread(values: list, digits: int = 2) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "?"
+
+
+def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
+    """(figure, measured, goal, result) for the table."""
+    out = []
+    if "error" not in app:
+        out.append(("stream efficiency", f"**{app['stream_efficiency']:.2f}** (HTTP {app['http_tok_s']:.1f} tok/s ÷ "
+                    f"plain generate {app['plain_tok_s']:.1f} tok/s; runs {spread(app['stream_ratios'])})",
+                    "≥ 0.95", verdict(app["stream_efficiency"] >= 0.95)))
+        out.append(("time to first token", f"**{app['ttft_delta_ms']:+.0f} ms** (first HTTP update "
+                    f"{app['ttft_http_ms']:.0f} ms − direct generate's first token {app['ttft_plain_ms']:.0f} ms)",
+                    "≤ 50 ms", verdict(app["ttft_delta_ms"] <= 50)))
+        phases = app["warm_phases"]
+        out.append(("warm start", f"**{app['warm_start']:.2f}** (`python app.py` → first reply "
+                    f"{app['warm_app_s']:.1f} s"
+                    f" [page served {phases['serving_s']:.1f} s, model ready {phases['ready_s']:.1f} s] ÷ bare script "
+                    f"{app['bare_s']:.1f} s; `import gradio` alone {app['import_gradio_s']:.1f} s)",
+                    "≤ 1.15", verdict(app["warm_start"] <= 1.15)))
+        out.append(("no-op restart", f"**{app['restart_bytes']} bytes**, {app['restart_requests']} requests on each of "
+                    f"{app['starts']} restarts (the first start fetched {app['first_start']['bytes'] / 1e6:.1f} MB)",
+                    "0", verdict(app["restart_bytes"] == 0)))
+    else:
+        out.append(("app over HTTP", app["error"], "", "ERROR"))
+    if "error" not in dm:
+        out.append(("download", f"**{dm['download']:.1f}×** cp (`git lfs pull` {dm['lfs_pull_s']:.2f} s, cp "
+                    f"{dm['cp_s']:.2f} s, {dm['lfs_bytes'] / 1e6:.0f} MB in {dm['files']} files); the app's whole "
+                    f"download (clone, pull, verify, rename) {dm['app_download']:.1f}× cp", "report", "—"))
+        out.append(("load memory", f"**{dm['load_memory']:.2f}** (peak {dm['peak_rss'] / MiB:.0f} MiB ÷ (weights "
+                    f"{dm['weight_bytes'] / MiB:.0f} MiB + interpreter {dm['baseline_rss'] / MiB:.0f} MiB); runs "
+                    f"{spread(dm['load_memory_ratios'])}; Engine.load alone peaks at "
+                    f"{dm['load_only_peak_rss'] / MiB:.0f} MiB as the weights are mapped lazily)",
+                    "≤ 1.3", verdict(dm["load_memory"] <= 1.3)))
+    else:
+        out.append(("download / load memory", dm["error"], "", "ERROR"))
+    if "error" not in app:
+        conc = app["concurrency"]
+        parts = [f"limit {limit}: {c['tok_s']:.1f} tok/s (×{c['vs_first']:.2f})" for limit, c in conc.items()]
+        errors = sum(len(c["errors"]) for c in conc.values())
+        replies = sum(c["replies"] for c in conc.values())
+        out.append(("concurrency", f"{app['clients']} clients: " + ", ".join(parts)
+                    + f"; {errors} errors in {replies} replies", "report; no errors", verdict(errors == 0)))
+    if "error" not in engine:
+        out.append(("engine stream (no HTTP)", f"{engine['engine_stream']:.2f} (engine stream "
+                    f"{engine['stream_tok_s']:.1f} ÷ plain generate {engine['plain_tok_s']:.1f} tok/s on the engine's "
+                    "worker thread)", "≥ 0.97", verdict(engine["engine_stream"] >= 0.97)))
+    if "error" not in loaders:
+        out.append(("InternLM2 native ÷ remote-code: load time", f"{loaders['load_time']:.2f} "
+                    f"({loaders['native_load_s']:.2f} s vs {loaders['remote_load_s']:.2f} s)", "report", "—"))
+        out.append(("InternLM2 native ÷ remote-code: peak RSS", f"{loaders['peak_rss_ratio']:.2f} while loading "
+                    f"({loaders['native_peak_rss'] / MiB:.0f} vs {loaders['remote_peak_rss'] / MiB:.0f} MiB; above the "
+                    f"interpreter: {loaders['native_peak_over_weights']:.2f}× vs "
+                    f"{loaders['remote_peak_over_weights']:.2f}× the weights); "
+                    f"{loaders['serving_peak_rss_ratio']:.2f} through the first tokens", "report", "—"))
+        out.append(("InternLM2 native ÷ remote-code: greedy tokens/s", f"{loaders['tokens_per_s']:.2f} "
+                    f"({loaders['native_tok_s']:.1f} vs {loaders['remote_tok_s']:.1f} tok/s; same greedy tokens: "
+                    f"{loaders['greedy_tokens_agree']})", "report", "—"))
+    else:
+        out.append(("InternLM2 loaders", loaders["error"], "", "ERROR"))
+    return out
+
+
+def setup_text(app: dict, dm: dict, loaders: dict) -> list:
+    lines = []
+    if "error" not in app:
+        lines.append(f"- App figures: the rendered template run as `python app.py` (CPU, DTYPE=float32), model "
+                     f"{app['params'] / 1e6:.0f}M parameters (Llama, fp32, untrained, stop tokens made unreachable "
+                     f"under greedy), pulled over loopback smart-HTTP + LFS from a bare repo; prompt of "
+                     f"{app['prompt_tokens']} tokens, {app['tokens']} new tokens, greedy, {app['runs']} alternating "
+                     f"runs; warm start and restart: {app['starts']} alternating starts; concurrency: "
+                     f"{app['clients']} clients, bursts alternating between three servers. The HTTP reply equalled "
+                     f"the plain generate's text in {app['same_text_as_plain']} runs (an untrained model's near-tied "
+                     "logits let tiny numeric differences pick another token; the length is fixed either way).")
+    if "error" not in dm:
+        lines.append(f"- Download and load memory: a {dm['weight_bytes'] / 1e6:.0f} MB fp32 model (hidden 1024, 8 "
+                     "layers, 100 MB shards) from a local file:// remote, warm page cache for both sides.")
+    if "error" not in loaders:
+        lines.append(f"- Loaders: tests/internlm2_fixture checkpoint, {loaders['weight_bytes'] / 1e6:.0f} MB fp32 "
+                     f"(hidden 512, 8 layers), {loaders['runs']} fresh interpreters per loader, alternating, "
+                     f"{loaders['tokens']} greedy tokens after a short prompt.")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer runs, to check that everything works")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = clock()
+    runs = ["--runs", "2"] if args.quick else []
+    engine = run_part("stream_efficiency.py", runs, "engine")
+    app = run_part("app_bench.py", runs + (["--starts", "1"] if args.quick else []), "app")
+    dm = run_part("download_memory.py", ["--runs", "1"] if args.quick else [], "download_memory")
+    loaders = run_part("loaders.py", ["--runs", "1"] if args.quick else [], "loaders")
+    table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine)]
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    text = "\n".join([
+        "# Benchmark results", "",
+        f"Run {now} on {machine()}; load average at the end {' '.join(load)} (the machine is shared).",
+        f"Command: `.venv/bin/python bench/run_all.py`{' --quick' if args.quick else ''}; "
+        f"took {(clock() - started) / 60:.1f} min. What each figure means: bench/README.md.", "",
+        *table, "", *setup_text(app, dm, loaders), "",
+    ])
+    (BENCH / "results.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
