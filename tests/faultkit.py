@@ -8,6 +8,7 @@ download slowed to a set rate, able to stall after a set number of bytes, honour
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -18,9 +19,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import psutil
-from git_http_server import GitHTTPServer, _Handler, _Server
-
 import tinymodel
+from git_http_server import GitHTTPServer, _Handler, _Server
 
 _RANGE = re.compile(r"bytes=(\d+)-")
 
@@ -50,10 +50,10 @@ class _SlowHandler(_Handler):
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
-        sent, chunk = start, 32 * 1024
+        sent, chunk, epoch = start, 32 * 1024, self.server.epoch
         while sent < len(data):
             stall_after = self.server.stall_after
-            if stall_after is not None and sent >= stall_after:
+            if epoch != self.server.epoch or (stall_after is not None and sent >= stall_after):
                 self.server.stalled.set()
                 self.server.stop.wait(600)  # hold the connection open and send nothing
                 return
@@ -77,6 +77,7 @@ class _FaultServer(_Server):
         self.stall_after: Optional[int] = None
         self.stalled = threading.Event()
         self.stop = threading.Event()
+        self.epoch = 0  # transfers begun before cut_off() stall for good
         self.count_lock = threading.Lock()
         self.batches = 0
         self.object_gets: Dict[str, int] = collections.Counter()
@@ -95,6 +96,10 @@ class FaultHost(GitHTTPServer):
     def configure(self, rate: Optional[float] = None, stall_after: Optional[int] = None) -> None:
         self.server.rate, self.server.stall_after = rate, stall_after
         self.server.stalled.clear()
+
+    def cut_off(self) -> None:
+        """Every transfer in flight now stalls for good (a killed app's orphaned git-lfs gets no more bytes)."""
+        self.server.epoch += 1
 
     def reset_counts(self) -> None:
         with self.server.count_lock:
@@ -120,7 +125,7 @@ class FaultHost(GitHTTPServer):
 
 
 def publish_with_blob(tiny_model: Path, folder: Path, name: str = "big.git", blob_bytes: int = 6_000_000) -> Path:
-    """The tiny model plus ``blob.bin``, random bytes in LFS big enough to kill a pull halfway; returns the bare repo."""
+    """The tiny model plus ``blob.bin`` (random bytes in LFS, big enough to kill a pull halfway); the bare repo."""
     model = folder / "model-with-blob"
     shutil.copytree(tiny_model, model)
     (model / "blob.bin").write_bytes(os.urandom(blob_bytes))
@@ -139,10 +144,8 @@ def tree_bytes(folder: Path) -> int:
     total = 0
     for root, _dirs, names in os.walk(folder):
         for name in names:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -165,3 +168,13 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
             return time.monotonic() - began
         time.sleep(interval)
     raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+_MODELS: Dict[Path, Path] = {}
+
+
+def quick_model(folder: Path) -> Path:
+    """An untrained tiny chat model (seconds to build): these tests need real weights, not good answers."""
+    if folder not in _MODELS:
+        _MODELS[folder] = tinymodel.build_chat_model(folder, steps=0)
+    return _MODELS[folder]
