@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -173,8 +174,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
 _MODELS: Dict[Path, Path] = {}
 
 
-def quick_model(folder: Path) -> Path:
-    """An untrained tiny chat model (seconds to build): these tests need real weights, not good answers."""
+def quick_model(folder: Path, hidden: int = 64, layers: int = 2, context: int = 0) -> Path:
+    """An untrained tiny chat model (seconds to build): these tests need real weights, not good answers.
+
+    A bigger ``hidden`` and a longer ``context`` make a reply that runs for many seconds unless stopped.
+    """
     if folder not in _MODELS:
-        _MODELS[folder] = tinymodel.build_chat_model(folder, steps=0)
+        _MODELS[folder] = tinymodel.build_chat_model(folder, hidden=hidden, layers=layers, steps=0)
+        if context:
+            config_file = folder / "config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["max_position_embeddings"] = context
+            config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
     return _MODELS[folder]
