@@ -21,4 +21,9 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 
+# The oldest supported stack (gradio 4.44, transformers 4.46) for the second end-to-end run.
+[ -x .venvs/legacy/bin/python ] || "$python" -m venv .venvs/legacy
+.venvs/legacy/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venvs/legacy/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements-legacy.txt
+
 exec .venv/bin/python -m pytest "$@"

@@ -47,6 +47,15 @@ def remote_copy(model_remote: str, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def legacy_python() -> str:
+    """The interpreter of the oldest supported stack (gradio 4.44, transformers 4.46), made by scripts/test.sh."""
+    python = ROOT / ".venvs" / "legacy" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run ./scripts/test.sh, which creates it")
+    return str(python)
+
+
+@pytest.fixture(scope="session")
 def app_modules() -> Path:
     """Make the template's (Jinja-free) app modules importable in-process."""
     sys.path.insert(0, str(TEMPLATE_APP))

@@ -1,8 +1,13 @@
-"""The rendered app as a real server: download, load, stream over HTTP, stop, restart offline, re-pull."""
+"""The rendered app as a real server: download, load, stream over HTTP, stop, restart offline, re-pull.
+
+The module runs twice: on the dev stack (gradio 6, transformers 5) and on the oldest supported one
+(gradio 4.44, transformers 4.46), with the same tiny model.
+"""
 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,19 +19,25 @@ pytestmark = pytest.mark.e2e
 GREEDY = {"system_prompt": "", "max_new_tokens": 256, "temperature": 0.0, "top_p": 0.8, "repetition_penalty": 1.0}
 
 
+@pytest.fixture(scope="module", params=["gradio6", "gradio4-legacy"])
+def stack(request: pytest.FixtureRequest) -> str:
+    """The interpreter that runs the app."""
+    return request.getfixturevalue("legacy_python") if request.param == "gradio4-legacy" else sys.executable
+
+
 @pytest.fixture(scope="module")
-def world(model_remote: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(model_remote: str, tmp_path_factory: pytest.TempPathFactory, stack: str) -> dict:
     """A rendered app pointed at a private copy of the remote, and the folder its model lands in."""
     base = tmp_path_factory.mktemp("e2e")
     remote = base / "remote.git"
     shutil.copytree(Path(model_remote.replace("file://", "")), remote)
-    app = render(base / "out", model_repo=remote.as_uri(), hardware="cpu", validate_model_repo=False)
-    return {"base": base, "remote": remote, "app": app, "env": {"MODEL_DIR": str(base / "weights")}}
+    app = render(base / "out", model_repo=remote.as_uri(), hardware="cpu", ui_language="en", validate_model_repo=False)
+    return {"base": base, "remote": remote, "app": app, "env": {"MODEL_DIR": str(base / "weights")}, "python": stack}
 
 
 @pytest.fixture(scope="module")
 def server(world: dict):
-    app = AppProcess(world["app"], world["env"], world["base"] / "first.log")
+    app = AppProcess(world["app"], world["env"], world["base"] / "first.log", world["python"])
     try:
         app.wait_stage(("ready",))
         yield app
@@ -76,7 +87,7 @@ def test_restart_with_the_remote_gone_serves_from_the_local_copy(server: AppProc
     server.stop()
     hidden = world["remote"].with_name("moved-away.git")
     world["remote"].rename(hidden)
-    app = AppProcess(world["app"], world["env"], world["base"] / "offline.log")
+    app = AppProcess(world["app"], world["env"], world["base"] / "offline.log", world["python"])
     try:
         app.wait_stage(("ready",))
         assert "no download" in app.log
@@ -91,7 +102,7 @@ def test_pointer_file_left_in_place_is_pulled_again_not_loaded(world: dict, tiny
     size = weights.stat().st_size
     weights.unlink()
     weights.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'a' * 64}\nsize {size}\n")
-    app = AppProcess(world["app"], world["env"], world["base"] / "repull.log")
+    app = AppProcess(world["app"], world["env"], world["base"] / "repull.log", world["python"])
     try:
         app.wait_stage(("ready",))
         assert "local copy rejected" in app.log and "pointer" in app.log
@@ -104,7 +115,7 @@ def test_pointer_file_left_in_place_is_pulled_again_not_loaded(world: dict, tiny
 def test_bad_repo_keeps_serving_and_reports_the_failure(world: dict):
     env = {**world["env"], "MODEL_DIR": str(world["base"] / "never"),
            "MODEL_REPO": (world["base"] / "missing.git").as_uri()}
-    app = AppProcess(world["app"], env, world["base"] / "failed.log")
+    app = AppProcess(world["app"], env, world["base"] / "failed.log", world["python"])
     try:
         state = app.wait_stage(("failed",))
         assert "does not exist" in state["error"] and "model_repo" in state["error"].lower()
