@@ -126,14 +126,24 @@ def setup_text(app: dict, dm: dict, loaders: dict) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs, to check that everything works")
+    parser.add_argument("--table-only", action="store_true", help="rewrite results.md from the last run's JSON")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     started = clock()
-    runs = ["--runs", "2"] if args.quick else []
-    engine = run_part("stream_efficiency.py", runs, "engine")
-    app = run_part("app_bench.py", runs + (["--starts", "1"] if args.quick else []), "app")
-    dm = run_part("download_memory.py", ["--runs", "1"] if args.quick else [], "download_memory")
-    loaders = run_part("loaders.py", ["--runs", "1"] if args.quick else [], "loaders")
+    quick = args.quick
+    parts = [("stream_efficiency.py", ["--tokens", "64", "--runs", "2" if quick else "3"], "engine"),
+             ("app_bench.py", ["--tokens", "64", "--runs", "2" if quick else "5", "--starts", "1" if quick else "3"],
+              "app"),
+             ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
+             ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders")]
+    found = {}
+    for script, part_args, name in parts:
+        if args.table_only:
+            path = OUT / f"{name}.json"
+            found[name] = json.loads(path.read_text()) if path.exists() else {"error": f"no {path.name}"}
+        else:
+            found[name] = run_part(script, part_args, name)
+    engine, app, dm, loaders = (found[name] for name in ("engine", "app", "download_memory", "loaders"))
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine)]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
