@@ -142,7 +142,8 @@ def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
                     type="messages",
                     additional_inputs=[
                         gr.Textbox(settings.system_prompt, label=t["system_prompt"], lines=2, render=False),
-                        gr.Slider(1, 8192, value=settings.max_new_tokens, step=1, label=t["max_new_tokens"],
+                        gr.Slider(1, max(8192, settings.max_new_tokens), value=settings.max_new_tokens, step=1,
+                                  label=t["max_new_tokens"],
                                   render=False),
                         gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label=t["temperature"],
                                   render=False),
