@@ -219,18 +219,31 @@ def _stream(client: object, weights: Path, tokens: int, runs: int) -> dict:
         if info["tokens"] != tokens or info["stop_ids_seen"]:
             raise RuntimeError(f"the bench model stopped early or produced a stop id: {info}")
         chat(client, tokens)  # warm-up: the app's worker thread and its OpenMP pool
-        plain, first_plain, http, first_http, matches = [], [], [], [], 0
-        for _ in range(runs):
+        plain, first_plain, http, first_http, floor, matches = [], [], [], [], [], 0
+
+        def direct() -> None:
             time.sleep(0.5)  # let the other process's OpenMP threads stop spinning
             plain.append(baseline.ask("run")["elapsed"])
             first_plain.append(baseline.ask("first")["elapsed"])
+
+        def over_http() -> None:
             time.sleep(0.5)
+            started = clock()
+            client.predict(api_name="/status")  # the HTTP + queue round trip of an endpoint that does nothing
+            floor.append(clock() - started)
+            time.sleep(0.2)
             done = chat(client, tokens)
             http.append(done["elapsed"])
             first_http.append(done["first"])
+            problem = reply_problem(done["text"])
+            if problem:
+                raise RuntimeError(problem)
+            nonlocal matches
             matches += done["text"] == info["text"]
-            if reply_problem(done["text"]):
-                raise RuntimeError(reply_problem(done["text"]))
+
+        for index in range(runs):  # A B, B A, A B, ...: neither side always goes first
+            for step in ((direct, over_http) if index % 2 == 0 else (over_http, direct)):
+                step()
     finally:
         baseline.close()
     ratios = [p / h for p, h in zip(plain, http)]  # (tokens/h) / (tokens/p)
@@ -242,6 +255,7 @@ def _stream(client: object, weights: Path, tokens: int, runs: int) -> dict:
         "same_text_as_plain": f"{matches}/{runs}",
         "ttft_plain_ms": 1000 * median(first_plain), "ttft_http_ms": 1000 * median(first_http),
         "ttft_delta_ms": 1000 * median([h - p for h, p in zip(first_http, first_plain)]),
+        "status_round_trip_ms": 1000 * median(floor),
     }
 
 

@@ -31,8 +31,16 @@ def run_part(script: str, args: list, name: str) -> dict:
     if done.returncode != 0 or not target.exists():
         print(done.stderr[-3000:], file=sys.stderr)
         return {"error": f"{script} failed with exit code {done.returncode}"}
-    print(f"   {clock() - started:.0f} s", flush=True)
-    return json.loads(target.read_text(encoding="utf-8"))
+    print(f"   {clock() - started:.0f} s, load average {' '.join(load_average())}", flush=True)
+    results = json.loads(target.read_text(encoding="utf-8"))
+    results["load_average_after"] = " ".join(load_average())
+    target.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    return results
+
+
+def load_average() -> list:
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else []
 
 
 def verdict(ok: bool) -> str:
@@ -51,7 +59,8 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
                     f"plain generate {app['plain_tok_s']:.1f} tok/s; runs {spread(app['stream_ratios'])})",
                     "≥ 0.95", verdict(app["stream_efficiency"] >= 0.95)))
         out.append(("time to first token", f"**{app['ttft_delta_ms']:+.0f} ms** (first HTTP update "
-                    f"{app['ttft_http_ms']:.0f} ms − direct generate's first token {app['ttft_plain_ms']:.0f} ms)",
+                    f"{app['ttft_http_ms']:.0f} ms − direct generate's first token {app['ttft_plain_ms']:.0f} ms; "
+                    f"a do-nothing endpoint's round trip {app.get('status_round_trip_ms', float('nan')):.0f} ms)",
                     "≤ 50 ms", verdict(app["ttft_delta_ms"] <= 50)))
         phases = app["warm_phases"]
         out.append(("warm start", f"**{app['warm_start']:.2f}** (`python app.py` → first reply "
@@ -131,8 +140,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     started = clock()
     quick = args.quick
-    parts = [("stream_efficiency.py", ["--tokens", "64", "--runs", "2" if quick else "3"], "engine"),
-             ("app_bench.py", ["--tokens", "64", "--runs", "2" if quick else "5", "--starts", "1" if quick else "3"],
+    parts = [("stream_efficiency.py", ["--tokens", "64", "--runs", "2" if quick else "5"], "engine"),
+             ("app_bench.py", ["--tokens", "64", "--runs", "2" if quick else "7", "--starts", "1" if quick else "3"],
               "app"),
              ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
              ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders")]
@@ -147,13 +156,15 @@ def main() -> None:
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine)]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    load = load_average()
     text = "\n".join([
         "# Benchmark results", "",
         f"Run {now} on {machine()}; load average at the end {' '.join(load)} (the machine is shared).",
         f"Command: `.venv/bin/python bench/run_all.py`{' --quick' if args.quick else ''}; "
         f"took {(clock() - started) / 60:.1f} min. What each figure means: bench/README.md.", "",
-        *table, "", *setup_text(app, dm, loaders), "",
+        *table, "", *setup_text(app, dm, loaders),
+        "- Load average (1, 5, 15 min) after each part: " + "; ".join(
+            f"{name} {found[name].get('load_average_after', '?')}" for name in found) + ".", "",
     ])
     (BENCH / "results.md").write_text(text, encoding="utf-8")
     print(text)
