@@ -2,8 +2,9 @@
 
 The same checkpoint (tests/internlm2_fixture, ~19M parameters, ~76 MB fp32, with the fixture's separately
 written InternLM2 forward pass as its remote code). Each load runs in a fresh interpreter, native and remote
-alternating: load time (after the imports), peak RSS during the load (VmHWM reset via /proc/self/clear_refs)
-and greedy tokens/s on the CPU.
+alternating: load time (after the imports) and load + first token (transformers maps safetensors lazily, so its
+load alone reads little), peak RSS during the load and through the first tokens (VmHWM reset via
+/proc/self/clear_refs) and greedy tokens/s on the CPU.
 
 Usage: .venv/bin/python bench/loaders.py [--runs 3] [--tokens 64]
 """
@@ -45,6 +46,9 @@ def measure(runs: int = 3, tokens: int = 64) -> dict:
         "weight_bytes": native[0]["weight_bytes"], "tokens": tokens, "runs": runs,
         "native_load_s": median([n["load_s"] for n in native]), "remote_load_s": median([r["load_s"] for r in remote]),
         "load_time": ratio("load_s"),
+        "native_ready_s": median([n["ready_s"] for n in native]),
+        "remote_ready_s": median([r["ready_s"] for r in remote]),
+        "ready_time": ratio("ready_s"),
         "native_peak_rss": median([n["peak_rss"] for n in native]),
         "remote_peak_rss": median([r["peak_rss"] for r in remote]),
         "peak_rss_ratio": ratio("peak_rss"),

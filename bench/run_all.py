@@ -97,7 +97,10 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
                     "worker thread)", "≥ 0.97", verdict(engine["engine_stream"] >= 0.97)))
     if "error" not in loaders:
         out.append(("InternLM2 native ÷ remote-code: load time", f"{loaders['load_time']:.2f} "
-                    f"({loaders['native_load_s']:.2f} s vs {loaders['remote_load_s']:.2f} s)", "report", "—"))
+                    f"({loaders['native_load_s']:.2f} s vs {loaders['remote_load_s']:.2f} s); load + first token "
+                    f"{loaders['ready_time']:.2f} ({loaders['native_ready_s']:.2f} s vs "
+                    f"{loaders['remote_ready_s']:.2f} s)",
+                    "report", "—"))
         out.append(("InternLM2 native ÷ remote-code: peak RSS", f"{loaders['peak_rss_ratio']:.2f} while loading "
                     f"({loaders['native_peak_rss'] / MiB:.0f} vs {loaders['remote_peak_rss'] / MiB:.0f} MiB; above the "
                     f"interpreter: {loaders['native_peak_over_weights']:.2f}× vs "
@@ -155,13 +158,18 @@ def main() -> None:
     engine, app, dm, loaders = (found[name] for name in ("engine", "app", "download_memory", "loaders"))
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine)]
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = load_average()
+    run = {"now": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "load": load_average(), "minutes": (clock() - started) / 60}
+    if args.table_only and (OUT / "run.json").exists():
+        run = json.loads((OUT / "run.json").read_text(encoding="utf-8"))
+    else:
+        (OUT / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    now, load = run["now"], run["load"]
     text = "\n".join([
         "# Benchmark results", "",
         f"Run {now} on {machine()}; load average at the end {' '.join(load)} (the machine is shared).",
         f"Command: `.venv/bin/python bench/run_all.py`{' --quick' if args.quick else ''}; "
-        f"took {(clock() - started) / 60:.1f} min. What each figure means: bench/README.md.", "",
+        f"took {run['minutes']:.1f} min. What each figure means: bench/README.md.", "",
         *table, "", *setup_text(app, dm, loaders),
         "- Load average (1, 5, 15 min) after each part: " + "; ".join(
             f"{name} {found[name].get('load_average_after', '?')}" for name in found) + ".", "",
