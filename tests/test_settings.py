@@ -54,3 +54,28 @@ def test_app_refuses_bad_setting_with_one_line_and_no_traceback(tmp_path: Path):
     assert done.returncode == 2
     assert done.stderr.strip() == "ERROR: MAX_NEW_TOKENS=-3 is out of range — use a value from 1 to 32768"
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "127.0.0.1"),
+    ({"SPACE_ID": "me/demo"}, "0.0.0.0"),
+    ({"MODELSCOPE_ENVIRONMENT": "studio"}, "0.0.0.0"),
+    ({"SPACE_ID": "me/demo", "GRADIO_SERVER_NAME": "127.0.0.1"}, "127.0.0.1"),
+    ({"GRADIO_SERVER_NAME": "0.0.0.0"}, "0.0.0.0"),
+])
+def test_binds_loopback_on_a_laptop_and_all_interfaces_on_a_platform(app_modules, env, expected):
+    from settings import load_settings
+
+    assert load_settings(env, DEFAULTS).server_name == expected
+
+
+def test_app_turns_analytics_off_unless_the_user_chose(tmp_path: Path):
+    folder = render(tmp_path)
+    probe = "import os, app; print(os.environ['GRADIO_ANALYTICS_ENABLED'], 'localhost' in os.environ['no_proxy'])"
+    for preset, expected in ((None, "False True"), ("True", "True True")):
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "no_proxy": "example.internal"}
+        if preset:
+            env["GRADIO_ANALYTICS_ENABLED"] = preset
+        done = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert done.stdout.split()[-2:] == expected.split(), done.stderr
