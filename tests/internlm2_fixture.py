@@ -195,6 +195,101 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 '''
 
 
+TOKENIZATION_SOURCE = '''
+"""InternLM2Tokenizer as the chat repos ship it: slow, sentencepiece-backed, bos first, no prefix handling."""
+import os
+from shutil import copyfile
+
+import sentencepiece as spm
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
+
+
+class InternLM2Tokenizer(PreTrainedTokenizer):
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    _auto_class = "AutoTokenizer"
+
+    def __init__(self, vocab_file, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                 sp_model_kwargs=None, add_bos_token=True, add_eos_token=False, decode_with_prefix_space=False,
+                 clean_up_tokenization_spaces=False, **kwargs):
+        self.sp_model_kwargs = sp_model_kwargs or {}
+        self.vocab_file = vocab_file
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.decode_with_prefix_space = decode_with_prefix_space
+        self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
+        self.sp_model.Load(vocab_file)  # before the base class, which asks for the vocab
+        super().__init__(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
+                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
+
+    @property
+    def vocab_size(self):
+        return self.sp_model.get_piece_size()
+
+    @property
+    def bos_token_id(self):
+        return self.sp_model.bos_id()
+
+    @property
+    def eos_token_id(self):
+        return self.sp_model.eos_id()
+
+    def get_vocab(self):
+        vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    def _tokenize(self, text, **kwargs):
+        return self.sp_model.encode(text, out_type=str)
+
+    def _convert_token_to_id(self, token):
+        return self.sp_model.piece_to_id(token)
+
+    def _convert_id_to_token(self, index):
+        return self.sp_model.id_to_piece(index)
+
+    def convert_tokens_to_string(self, tokens):
+        """sentencepiece decodes each run between special tokens; as in the original, a run that ends at a
+        special token gets a space in front (so a decode that keeps special tokens may start with a space)."""
+        specials = set(self.all_special_tokens)
+        text, run, after_special = "", [], False
+        for token in tokens:
+            if token in specials:
+                text += ("" if after_special else " ") + self.sp_model.decode(run) + token
+                run, after_special = [], True
+            else:
+                run.append(token)
+                after_special = False
+        return self.clean_up_tokenization(text + self.sp_model.decode(run))
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
+        if os.path.abspath(self.vocab_file) != os.path.abspath(out) and os.path.isfile(self.vocab_file):
+            copyfile(self.vocab_file, out)
+        elif not os.path.isfile(self.vocab_file):
+            with open(out, "wb") as handle:
+                handle.write(self.sp_model.serialized_model_proto())
+        return (out,)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        out = ([self.bos_token_id] if self.add_bos_token else []) + list(token_ids_0)
+        if token_ids_1 is not None:
+            out += list(token_ids_1)
+        return out + ([self.eos_token_id] if self.add_eos_token else [])
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
+        body = len(token_ids_0) + len(token_ids_1 or [])
+        return [1] * self.add_bos_token + [0] * body + [1] * self.add_eos_token
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+'''
+
+
 def _special_entry(content: str) -> dict:
     return {"content": content, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
             "special": True}
@@ -202,19 +297,30 @@ def _special_entry(content: str) -> dict:
 
 def _write_tokenizer(folder: Path) -> int:
     """tinymodel's sentencepiece tokenizer, with InternLM2's tokenizer_config layout; returns its vocab size."""
+    tinymodel._train_tokenizer(folder)
+    return _internlm2_tokenizer_files(folder)
+
+
+def _internlm2_tokenizer_files(folder: Path) -> int:
+    """tokenizer_config.json as InternLM2 chat repos have it, plus their remote-code tokenizer, for the
+    tokenizer.model already in folder; returns the vocab size."""
     import sentencepiece as spm
 
-    tinymodel._train_tokenizer(folder)
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     config.update({
-        "tokenizer_class": "InternLM2Tokenizer", "pad_token": "</s>", "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "InternLM2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "</s>", "add_bos_token": True, "add_eos_token": False,
+        "additional_special_tokens": list(IM_SPECIALS), "chat_template": tinymodel.CHAT_TEMPLATE,
+        "model_max_length": config.get("model_max_length", 4096), "clean_up_tokenization_spaces": False,
         "decode_with_prefix_space": False,
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "added_tokens_decoder": {str(sp.piece_to_id(t)): _special_entry(t)
                                  for t in ["<unk>", "<s>", "</s>", *IM_SPECIALS]},
     })
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenization_internlm2.py").write_text(TOKENIZATION_SOURCE.lstrip(), encoding="utf-8")
     return sp.get_piece_size()
 
 
@@ -281,26 +387,108 @@ def build_internlm2(folder: Path, *, hidden: int = 64, layers: int = 2, heads: i
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = _write_tokenizer(folder)
-    config = {
+    config = _internlm2_config(vocab_size, hidden, layers, heads, kv_heads, intermediate or 2 * hidden,
+                               max_position_embeddings, rope_theta, rope_scaling, bias, dtype)
+    weights = internlm2_weights(config, seed)
+    _write_repo(folder, config, {name: t.to(getattr(torch, dtype)) for name, t in weights.items()}, fmt, shards)
+    return folder
+
+
+def _internlm2_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                      max_position_embeddings: int, rope_theta: float, rope_scaling: Optional[dict], bias: bool,
+                      dtype: str, rms_norm_eps: float = 1e-6) -> dict:
+    return {
         "architectures": ["InternLM2ForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
         "model_type": "internlm2", "vocab_size": vocab_size, "hidden_size": hidden,
-        "intermediate_size": intermediate or 2 * hidden, "num_hidden_layers": layers,
+        "intermediate_size": intermediate, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": 1e-6, "rope_theta": rope_theta,
+        "max_position_embeddings": max_position_embeddings, "rms_norm_eps": rms_norm_eps, "rope_theta": rope_theta,
         "rope_scaling": rope_scaling, "bias": bias, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
         "tie_word_embeddings": False, "torch_dtype": dtype, "attn_implementation": "eager", "use_cache": True,
     }
+
+
+def _write_repo(folder: Path, config: dict, weights: dict, fmt: str = "safetensors", shards: int = 1) -> None:
+    """config.json, generation_config.json (eos and <|im_end|>), the weights and the remote-code oracle."""
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     generation = {"bos_token_id": 1, "eos_token_id": [2, tinymodel_im_end_id(folder)], "pad_token_id": 2}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    weights = internlm2_weights(config, seed)
-    weights = {name: t.to(getattr(torch, dtype)) for name, t in weights.items()}
     _write_weights(folder, weights, fmt, shards)
     (folder / "configuration_internlm2.py").write_text(CONFIGURATION_SOURCE.lstrip(), encoding="utf-8")
     (folder / "modeling_internlm2.py").write_text(MODELING_SOURCE.lstrip(), encoding="utf-8")
-    return folder
+
+
+def pack_llama_state_dict(tensors: Dict[str, object], config: dict) -> Dict[str, object]:
+    """Llama weight names to InternLM2's, q/k/v packed into wqkv per kv head as [g queries, key, value]:
+    the inverse of the app's converter, written separately so the two check each other."""
+    import torch
+
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, groups = config["hidden_size"] // heads, heads // kv_heads
+    renames = {"self_attn.o_proj.": "attention.wo.", "mlp.gate_proj.": "feed_forward.w1.",
+               "mlp.up_proj.": "feed_forward.w3.", "mlp.down_proj.": "feed_forward.w2.",
+               "input_layernorm.": "attention_norm.", "post_attention_layernorm.": "ffn_norm."}
+    out: Dict[str, object] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.embed_tokens."):
+            out["model.tok_embeddings." + name[len("model.embed_tokens."):]] = tensor
+        elif name.startswith("lm_head."):
+            out["output." + name[len("lm_head."):]] = tensor
+        elif name.startswith("model.norm."):
+            out[name] = tensor
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue  # packed together with q_proj below
+        elif ".self_attn.q_proj." in name:
+            prefix, suffix = name.split(".self_attn.q_proj.")
+            parts = [tensors[f"{prefix}.self_attn.{p}_proj.{suffix}"] for p in "qkv"]
+            rest = tuple(parts[0].shape[1:])
+            q = parts[0].reshape(kv_heads, groups, head_dim, *rest)
+            k, v = (t.reshape(kv_heads, 1, head_dim, *rest) for t in parts[1:])
+            out[f"{prefix}.attention.wqkv.{suffix}"] = torch.cat([q, k, v], dim=1).reshape(-1, *rest).contiguous()
+        else:
+            old = next((old for old in renames if f".{old}" in name), None)
+            if old is None or not name.startswith("model.layers."):
+                raise ValueError(f"unexpected Llama weight {name!r}")
+            out[name.replace(f".{old}", f".{renames[old]}")] = tensor
+    return out
+
+
+def internlm2_from_llama(llama_folder: Path, out_folder: Path) -> Path:
+    """An InternLM2 repo (remote code included) holding a trained tiny Llama, e.g. tinymodel.build_chat_model's.
+
+    The tokenizer.model is the Llama's with sentencepiece's identity normaliser and no dummy prefix, so
+    InternLM2Tokenizer gives the very ids the Llama was trained on (the fast Llama tokenizer neither
+    NFKC-normalises nor prefixes text after special tokens): the InternLM2 model chats as the Llama does.
+    """
+    from safetensors.torch import load_file
+    from sentencepiece import sentencepiece_model_pb2
+
+    out_folder.mkdir(parents=True, exist_ok=True)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((llama_folder / "tokenizer.model").read_bytes())
+    spec = proto.normalizer_spec
+    spec.name, spec.precompiled_charsmap, spec.add_dummy_prefix, spec.remove_extra_whitespaces = "identity", b"", \
+        False, False
+    (out_folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    vocab_size = _internlm2_tokenizer_files(out_folder)
+    llama = json.loads((llama_folder / "config.json").read_text(encoding="utf-8"))
+    rope = llama.get("rope_parameters") or {}
+    if (rope.get("rope_type") or "default") != "default" or llama.get("rope_scaling"):
+        raise ValueError("only Llamas without RoPE scaling are converted")
+    if llama["vocab_size"] != vocab_size or llama.get("attention_bias") or llama.get("mlp_bias"):
+        raise ValueError(f"{llama_folder} is not a tokenizer-matched, bias-free Llama")
+    config = _internlm2_config(
+        vocab_size, llama["hidden_size"], llama["num_hidden_layers"], llama["num_attention_heads"],
+        llama.get("num_key_value_heads") or llama["num_attention_heads"], llama["intermediate_size"],
+        llama["max_position_embeddings"], float(rope.get("rope_theta", llama.get("rope_theta", 10000.0))), None,
+        False, str(llama.get("dtype") or llama.get("torch_dtype") or "float32"), llama.get("rms_norm_eps", 1e-6))
+    tensors: Dict[str, object] = {}
+    for path in sorted(llama_folder.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    _write_repo(out_folder, config, pack_llama_state_dict(tensors, config))
+    return out_folder
 
 
 def tinymodel_im_end_id(folder: Path) -> int:
