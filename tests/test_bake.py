@@ -12,7 +12,8 @@ import pytest
 
 # The default render (platforms=all); tests/test_platforms.py checks which files each other choice leaves out.
 EXPECTED_FILES = {
-    ".gitignore", "README.md", "app.py", "chat_history.py", "defaults.json", "engine.py", "git_tools.py",
+    ".gitignore", "README.md", "app.py", "chat_history.py", "chat_ui.py", "defaults.json", "engine.py",
+    "git_tools.py",
     "internlm2.py", "model_repo.py", "ms_deploy.json", "packages.txt", "repo_check.py", "repo_url.py",
     "requirements.txt", "ruff.toml", "settings.py", "startup.py", "ui_text.py",
 }

@@ -1,14 +1,11 @@
-"""The chat page: serves at once, shows the model's start, then streams replies.
+"""Start the demo: ``python app.py``.
 
-Run it with ``python app.py``. Every setting is in settings.py and can be
-changed with an environment variable. The same code runs on gradio 4.44, 5.x and 6.x.
+Every setting is in settings.py and can be changed with an environment variable.
+The model starts loading before gradio is imported, so the two overlap.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import inspect
 import os
 import sys
 
@@ -18,169 +15,8 @@ os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(
     filter(None, [os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), "localhost,127.0.0.1"])
 )
 
-import gradio as gr  # noqa: E402
-
-from chat_history import clean_text, normalise_history  # noqa: E402
-from engine import Generation, InputTooLong  # noqa: E402
-from repo_url import RepoURLError, normalise  # noqa: E402
-from settings import Settings, SettingsError, load_settings  # noqa: E402
-from startup import ModelStatus, start_in_background  # noqa: E402
-from ui_text import texts  # noqa: E402
-
-LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
-
-
-def accepted(factory: object, **options: object) -> dict:
-    """Only the keyword arguments this gradio version's ``factory`` takes: the API moved in 4.38, 5.0 and 6.0."""
-    parameters = inspect.signature(factory).parameters
-    return {key: value for key, value in options.items() if key in parameters}
-
-
-def model_link(settings: Settings) -> str:
-    if settings.model_path is not None:
-        return f"`{settings.model_path.name}`"
-    try:
-        repo = normalise(settings.model_repo)
-    except RepoURLError:
-        return f"`{settings.model_repo}`"
-    path = repo.git_url.rstrip("/")
-    name = "/".join((path[:-4] if path.endswith(".git") else path).split("/")[-2:])
-    return f"[{name}]({repo.web_url})" if repo.web_url else f"`{name}`"
-
-
-def status_markdown(status: ModelStatus, t: dict) -> str:
-    state = status.snapshot()
-    elapsed = t["elapsed"].format(seconds=int(state["elapsed_s"]))
-    stage = state["stage"]
-    if stage == "ready":
-        return f"✅ {t['ready']} · {t['runs_on']} **{state['device']}**"
-    if stage == "failed":
-        what, _, fix = state["error"].partition(" — ")
-        advice = f"\n\n**{t['how_to_fix']}:** {fix}" if fix else ""
-        return f"### ❌ {t['failed']}\n\n{what}{advice}"
-    if stage == "downloading":
-        return (f"⏳ {t['downloading']}: {state['done_bytes'] / 1e6:,.1f} / {state['total_bytes'] / 1e6:,.1f} MB"
-                f" ({state['percent']}%) · {elapsed}")
-    return f"⏳ {t.get(stage, stage)}… · {elapsed}"
-
-
-def make_respond(settings: Settings, status: ModelStatus, t: dict):
-    async def respond(message, history, system_prompt=settings.system_prompt, max_new_tokens=settings.max_new_tokens,
-                      temperature=settings.temperature, top_p=settings.top_p,
-                      repetition_penalty=settings.repetition_penalty):
-        message = clean_text(message if isinstance(message, str) else str((message or {}).get("text", "")))
-        if not message.strip():
-            yield t["empty"]
-            return
-        engine = status.engine
-        if engine is None:
-            failed = status.snapshot()["stage"] == "failed"
-            yield t["not_ready_failed"] if failed else t["still_loading"].format(percent=status.percent)
-            return
-        try:
-            ids, dropped = engine.fit_prompt(clean_text(system_prompt or ""), normalise_history(history), message,
-                                             int(max_new_tokens))
-        except InputTooLong as error:
-            yield t["too_long"].format(tokens=error.tokens, limit=error.limit)
-            return
-        if dropped:
-            gr.Info(t["dropped"].format(count=dropped))
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        def emit(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-        generation = engine.start(ids, emit, int(max_new_tokens), float(temperature), float(top_p),
-                                  float(repetition_penalty), dropped)
-        reply, finished = "", False
-        try:
-            while not finished:
-                before = reply
-                items = [await inbox.get()]
-                while not inbox.empty():  # send what piled up as one update
-                    items.append(inbox.get_nowait())
-                for item in items:
-                    if item is Generation.DONE:
-                        finished = True
-                    elif isinstance(item, Exception):
-                        finished = True
-                        reply += "\n\n⚠️ " + t["generation_failed"].format(error=type(item).__name__)
-                    else:
-                        reply += item
-                if reply != before or (finished and not reply):
-                    yield reply
-        finally:  # Stop, a disconnect or the end: free the slot at once
-            generation.cancel()
-
-    return respond
-
-
-def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
-    t = texts(settings.ui_language)
-    with gr.Blocks(title=settings.app_title) as demo:
-        gr.Markdown(f"# {settings.app_title}\n{settings.description}\n\n**{t['model']}:** {model_link(settings)}")
-        status_line = gr.Markdown(status_markdown(status, t), elem_id="model-status")
-        ready = status.engine is not None
-        # gradio 5+ puts the Send/Stop buttons on the textbox, 4.x on the ChatInterface.
-        buttons = {"submit_btn": t["submit"], "stop_btn": t["stop"]}
-        on_textbox = accepted(gr.Textbox, **buttons)
-        textbox = gr.Textbox(placeholder=t["placeholder"] if ready else t["placeholder_loading"], interactive=ready,
-                             show_label=False, scale=7, autofocus=True, elem_id="chat-input", render=False,
-                             **on_textbox)
-        chatbot = gr.Chatbot(**accepted(gr.Chatbot, type="messages", height=520, latex_delimiters=LATEX,
-                                        render_markdown=True, show_copy_button=True, buttons=["copy", "copy_all"],
-                                        elem_id="chatbot", render=False))
-        with gr.Column(elem_id="chat-area") as chat_area:
-            gr.ChatInterface(
-                make_respond(settings, status, t),
-                **accepted(
-                    gr.ChatInterface,
-                    chatbot=chatbot,
-                    textbox=textbox,
-                    type="messages",
-                    additional_inputs=[
-                        gr.Textbox(settings.system_prompt, label=t["system_prompt"], lines=2, render=False),
-                        gr.Slider(1, max(8192, settings.max_new_tokens), value=settings.max_new_tokens, step=1,
-                                  label=t["max_new_tokens"],
-                                  render=False),
-                        gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label=t["temperature"],
-                                  render=False),
-                        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label=t["top_p"], render=False),
-                        gr.Slider(1.0, 2.0, value=settings.repetition_penalty, step=0.005,
-                                  label=t["repetition_penalty"], render=False),
-                    ],
-                    additional_inputs_accordion=gr.Accordion(t["settings"], open=False, render=False),
-                    **({} if on_textbox else buttons),
-                    clear_btn=t["clear"],
-                    retry_btn=None,
-                    undo_btn=None,
-                    api_name="chat",
-                ),
-            )
-            if settings.example_prompts:  # fill the box only: ChatInterface's examples would also reset the sliders
-                gr.Examples([[prompt] for prompt in settings.example_prompts], inputs=[textbox], label=t["examples"])
-
-        def refresh():
-            """Poll the start; once it settles, unlock or hide the chat and stop polling."""
-            stage = status.snapshot()["stage"]
-            settled = stage in ("ready", "failed")
-            return (
-                status_markdown(status, t),
-                gr.Column(visible=stage != "failed"),
-                gr.Textbox(interactive=stage == "ready",
-                           placeholder=t["placeholder"] if stage == "ready" else t["placeholder_loading"]),
-                gr.Timer(active=not settled),
-            )
-
-        timer = gr.Timer(1.0)
-        timer.tick(refresh, outputs=[status_line, chat_area, textbox, timer], concurrency_limit=None,
-                   show_progress="hidden", **accepted(timer.tick, api_visibility="private", show_api=False))
-        status_json = gr.JSON(visible=False)
-        gr.Button(visible=False).click(status.snapshot, outputs=status_json, api_name="status",
-                                       concurrency_limit=None)
-    return demo
+from settings import SettingsError, load_settings  # noqa: E402
+from startup import start_in_background  # noqa: E402
 
 
 def main() -> None:
@@ -189,10 +25,10 @@ def main() -> None:
     except SettingsError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         sys.exit(2)
-    status = start_in_background(settings)
-    demo = build_ui(settings, status)
-    demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=4 * settings.concurrency_limit + 16)
-    demo.launch(server_name=settings.server_name, server_port=settings.server_port, show_error=True)
+    status = start_in_background(settings)  # imports torch and loads the model on its own thread
+    from chat_ui import serve  # gradio's import overlaps with that
+
+    serve(settings, status)
 
 
 if __name__ == "__main__":

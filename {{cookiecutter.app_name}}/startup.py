@@ -9,13 +9,15 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from engine import Engine
 from git_tools import RepoError
 from model_repo import ModelSource, ensure_model, local_copy_is_good, resolve_source
 from repo_check import check_settings
 from settings import Settings
+
+if TYPE_CHECKING:
+    from engine import Engine
 
 
 class ModelStatus:
@@ -94,6 +96,7 @@ def prepare(settings: Settings, status: ModelStatus) -> None:
             progress=status.progress,
         )
         status.progress("loading", 0, 0)
+        from engine import Engine  # torch and transformers load here, off the main thread
         print(f"[engine] loading {folder}", flush=True)
         engine = Engine.load(folder, settings.hardware, settings.dtype, settings.loader, settings.concurrency_limit)
         print(f"[engine] ready on {engine.placement.label}", flush=True)
