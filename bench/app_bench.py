@@ -124,6 +124,8 @@ def chat(client: object, tokens: int, message: str = PROMPT) -> dict:
     """One /chat call: when it was sent, when the first text and the last update came, the final text."""
     args = list(GREEDY)
     args[1] = tokens
+    # A new session per request: gradio keeps /chat's history per session, and a growing prompt is not the same work.
+    client.reset_session()
     started = clock()
     job = client.submit(message, *args, api_name="/chat")
     first = None

@@ -143,8 +143,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     started = clock()
     quick = args.quick
-    parts = [("stream_efficiency.py", ["--tokens", "64", "--runs", "2" if quick else "5"], "engine"),
-             ("app_bench.py", ["--tokens", "64", "--runs", "2" if quick else "7", "--starts", "1" if quick else "3"],
+    parts = [("stream_efficiency.py", ["--tokens", "128", "--runs", "2" if quick else "5"], "engine"),
+             ("app_bench.py", ["--tokens", "128", "--runs", "2" if quick else "7", "--starts", "1" if quick else "3"],
               "app"),
              ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
              ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders")]

@@ -152,8 +152,39 @@ def test_failed_start_shows_the_error_and_its_fix_on_the_page(page, tmp_path: Pa
         page.goto(app.url)
         text = wait_text(page, lambda s: "could not start" in s, 120, "the failure")
         assert "does not exist" in text and "How to fix" in text
-        assert not page.locator("#chat-area").is_visible()
+        page.locator("#chat-area").wait_for(state="hidden", timeout=5_000)  # same update as the text; let it paint
         shot(page, "failed")
         assert app.process.poll() is None  # still serving
+    finally:
+        app.stop()
+
+
+def test_dropped_turns_and_too_long_input_are_told_to_the_user(page, model_remote: str, tmp_path: Path):
+    """max_new_tokens 2048 leaves 2048 of the tiny model's 4096 positions for the prompt."""
+    folder = render(tmp_path / "out", model_repo=model_remote, hardware="cpu", ui_language="en", temperature=0,
+                    max_new_tokens=2048, validate_model_repo=False)
+    app = AppProcess(folder, {"MODEL_DIR": str(tmp_path / "weights")}, tmp_path / "app.log")
+    try:
+        app.wait_stage(("ready",))
+        page.goto(app.url)
+        page.wait_for_selector("#chat-input textarea")
+        page.wait_for_function("!document.querySelector('#chat-input textarea').disabled", timeout=30_000)
+        long_turn = "la " * 1200
+
+        def wait_until_idle() -> None:
+            deadline = time.monotonic() + 90
+            while app.status()["generating"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+        send(page, long_turn)
+        page.wait_for_function("document.querySelectorAll('[data-testid=bot]').length === 1", timeout=60_000)
+        wait_until_idle()
+        send(page, long_turn)  # with the first turn it no longer fits: the page says the turn was left out
+        page.get_by_text("turn(s) were left out to fit the model's context").wait_for(timeout=30_000)
+        wait_until_idle()
+        shot(page, "dropped-turns")
+        send(page, "la " * 5000)
+        page.get_by_text("The message is too long").wait_for(timeout=30_000)
+        shot(page, "too-long")
     finally:
         app.stop()

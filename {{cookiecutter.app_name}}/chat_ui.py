@@ -40,8 +40,8 @@ def model_link(settings: Settings) -> str:
     return f"[{name}]({repo.web_url})" if repo.web_url else f"`{name}`"
 
 
-def status_markdown(status: ModelStatus, t: dict) -> str:
-    state = status.snapshot()
+def status_markdown(state: dict, t: dict) -> str:
+    """Render one snapshot, so the text and the chat's visibility never disagree mid-failure."""
     elapsed = t["elapsed"].format(seconds=int(state["elapsed_s"]))
     stage = state["stage"]
     if stage == "ready":
@@ -113,7 +113,7 @@ def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
     t = texts(settings.ui_language)
     with gr.Blocks(title=settings.app_title) as demo:
         gr.Markdown(f"# {settings.app_title}\n{settings.description}\n\n**{t['model']}:** {model_link(settings)}")
-        status_line = gr.Markdown(status_markdown(status, t), elem_id="model-status")
+        status_line = gr.Markdown(status_markdown(status.snapshot(), t), elem_id="model-status")
         ready = status.engine is not None
         # gradio 5+ puts the Send/Stop buttons on the textbox, 4.x on the ChatInterface.
         buttons = {"submit_btn": t["submit"], "stop_btn": t["stop"]}
@@ -156,10 +156,11 @@ def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
 
         def refresh():
             """Poll the start; once it settles, unlock or hide the chat and stop polling."""
-            stage = status.snapshot()["stage"]
+            state = status.snapshot()
+            stage = state["stage"]
             settled = stage in ("ready", "failed")
             return (
-                status_markdown(status, t),
+                status_markdown(state, t),
                 gr.Column(visible=stage != "failed"),
                 gr.Textbox(interactive=stage == "ready",
                            placeholder=t["placeholder"] if stage == "ready" else t["placeholder_loading"]),
