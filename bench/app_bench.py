@@ -3,8 +3,10 @@
 The model comes from a bare git-LFS repo served over loopback HTTP by the tests' git host, with a byte
 counter on its socket writes, so the first start really downloads and a restart's traffic is measured.
 
-  stream efficiency   tokens/s a gradio_client sees (submit → last update) ÷ plain generate tokens/s
-  time to first token first streamed update over HTTP − the direct generate's first shown token
+  stream efficiency   tokens/s a gradio_client sees (submit → last update) ÷ plain generate tokens/s; the same
+                      for the browser-like reader (sse_reader.py)
+  time to first token first streamed update over HTTP − the direct generate's first shown token, for both
+                      readers (gradio_client checks for messages every 50 ms; the page reacts on arrival)
   warm start          ``python app.py`` → first reply (model on disk) ÷ bare import + load + one token
   no-op restart       bytes the remote served during each warm start
   concurrency         4 clients at once against CONCURRENCY_LIMIT 1, 2 and 4 (three servers, bursts alternate)
@@ -122,8 +124,7 @@ def _client(url: str):
 
 def chat(client: object, tokens: int, message: str = PROMPT) -> dict:
     """One /chat call: when it was sent, when the first text and the last update came, the final text."""
-    args = list(GREEDY)
-    args[1] = tokens
+    args = _args(tokens)
     # A new session per request: gradio keeps /chat's history per session, and a growing prompt is not the same work.
     client.reset_session()
     started = clock()
@@ -204,7 +205,7 @@ def measure(tokens: int = 128, runs: int = 5, starts: int = 3, clients: int = 4)
             ready = wait_ready(server.url, server.process)
             results["first_start"] = {"ready_s": clock() - started, "bytes": host.bytes,
                                       "weight_bytes": sum(p.stat().st_size for p in weights.glob("*.safetensors"))}
-            results.update(_stream(ready["client"], weights, tokens, runs))
+            results.update(_stream(ready["client"], server.url, weights, tokens, runs))
         finally:
             server.stop()
 
@@ -213,52 +214,75 @@ def measure(tokens: int = 128, runs: int = 5, starts: int = 3, clients: int = 4)
     return results
 
 
-def _stream(client: object, weights: Path, tokens: int, runs: int) -> dict:
-    """Alternate plain generate (its own process, main thread) with the same request over HTTP."""
+def _stream(client: object, url: str, weights: Path, tokens: int, runs: int) -> dict:
+    """Rotate plain generate (its own process, main thread), gradio_client and the browser-like reader."""
+    from sse_reader import QueueReader
+
     baseline = Baseline(weights, tokens)
+    reader = QueueReader(url, "/chat")
     try:
         info = baseline.info
         if info["tokens"] != tokens or info["stop_ids_seen"]:
             raise RuntimeError(f"the bench model stopped early or produced a stop id: {info}")
         chat(client, tokens)  # warm-up: the app's worker thread and its OpenMP pool
-        plain, first_plain, http, first_http, floor, matches = [], [], [], [], [], 0
+        plain: List[float] = []
+        first_plain: List[float] = []
+        seen: Dict[str, Dict[str, List[float]]] = {side: {"elapsed": [], "first": [], "floor": []}
+                                                   for side in ("client", "reader")}
+        matches = {"client": 0, "reader": 0}
 
         def direct() -> None:
             time.sleep(0.5)  # let the other process's OpenMP threads stop spinning
             plain.append(baseline.ask("run")["elapsed"])
             first_plain.append(baseline.ask("first")["elapsed"])
 
-        def over_http() -> None:
+        def over_http(side: str) -> None:
             time.sleep(0.5)
             started = clock()
-            client.predict(api_name="/status")  # the HTTP + queue round trip of an endpoint that does nothing
-            floor.append(clock() - started)
+            if side == "client":  # the HTTP + queue round trip of an endpoint that does nothing
+                client.predict(api_name="/status")
+            else:
+                reader_status.call()
+            seen[side]["floor"].append(clock() - started)
             time.sleep(0.2)
-            done = chat(client, tokens)
-            http.append(done["elapsed"])
-            first_http.append(done["first"])
+            done = chat(client, tokens) if side == "client" else reader.call(PROMPT, *_args(tokens))
+            seen[side]["elapsed"].append(done["elapsed"])
+            seen[side]["first"].append(done["first"])
             problem = reply_problem(done["text"])
             if problem:
-                raise RuntimeError(problem)
-            nonlocal matches
-            matches += done["text"] == info["text"]
+                raise RuntimeError(f"{side}: {problem}")
+            matches[side] += done["text"] == info["text"]
 
-        for index in range(runs):  # A B, B A, A B, ...: neither side always goes first
-            for step in ((direct, over_http) if index % 2 == 0 else (over_http, direct)):
+        reader_status = QueueReader(url, "/status")
+        steps = [direct, lambda: over_http("client"), lambda: over_http("reader")]
+        for index in range(runs):  # rotate, so that no side always runs first or after the same neighbour
+            for step in steps[index % 3:] + steps[:index % 3]:
                 step()
     finally:
         baseline.close()
-    ratios = [p / h for p, h in zip(plain, http)]  # (tokens/h) / (tokens/p)
-    return {
+    out = {
         "params": info["params"], "prompt_tokens": info["prompt_tokens"], "expected_text": info["text"],
-        "first_visible_token": info["first_visible"],
-        "plain_tok_s": tokens / median(plain), "http_tok_s": tokens / median(http),
-        "stream_efficiency": median(ratios), "stream_ratios": ratios,
-        "same_text_as_plain": f"{matches}/{runs}",
-        "ttft_plain_ms": 1000 * median(first_plain), "ttft_http_ms": 1000 * median(first_http),
-        "ttft_delta_ms": 1000 * median([h - p for h, p in zip(first_http, first_plain)]),
-        "status_round_trip_ms": 1000 * median(floor),
+        "first_visible_token": info["first_visible"], "plain_tok_s": tokens / median(plain),
+        "ttft_plain_ms": 1000 * median(first_plain),
     }
+    for side, prefix in (("client", ""), ("reader", "reader_")):
+        got = seen[side]
+        ratios = [p / h for p, h in zip(plain, got["elapsed"])]  # (tokens/h) / (tokens/p)
+        out.update({
+            f"{prefix}http_tok_s": tokens / median(got["elapsed"]),
+            f"{prefix}stream_efficiency": median(ratios), f"{prefix}stream_ratios": ratios,
+            f"{prefix}same_text_as_plain": f"{matches[side]}/{runs}",
+            f"{prefix}ttft_http_ms": 1000 * median(got["first"]),
+            f"{prefix}ttft_delta_ms": 1000 * median([h - p for h, p in zip(got["first"], first_plain)]),
+            f"{prefix}status_round_trip_ms": 1000 * median(got["floor"]),
+        })
+    return out
+
+
+def _args(tokens: int) -> list:
+    args = list(GREEDY)
+    args[1] = tokens
+    return args
 
 
 def _bare_start(weights: Path) -> float:

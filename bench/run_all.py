@@ -55,13 +55,22 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
     """(figure, measured, goal, result) for the table."""
     out = []
     if "error" not in app:
-        out.append(("stream efficiency", f"**{app['stream_efficiency']:.2f}** (HTTP {app['http_tok_s']:.1f} tok/s ÷ "
-                    f"plain generate {app['plain_tok_s']:.1f} tok/s; runs {spread(app['stream_ratios'])})",
-                    "≥ 0.95", verdict(app["stream_efficiency"] >= 0.95)))
-        out.append(("time to first token", f"**{app['ttft_delta_ms']:+.0f} ms** (first HTTP update "
-                    f"{app['ttft_http_ms']:.0f} ms − direct generate's first token {app['ttft_plain_ms']:.0f} ms; "
-                    f"a do-nothing endpoint's round trip {app.get('status_round_trip_ms', float('nan')):.0f} ms)",
-                    "≤ 50 ms", verdict(app["ttft_delta_ms"] <= 50)))
+        out.append(("stream efficiency (gradio_client)", f"**{app['stream_efficiency']:.2f}** (HTTP "
+                    f"{app['http_tok_s']:.1f} tok/s ÷ plain generate {app['plain_tok_s']:.1f} tok/s; runs "
+                    f"{spread(app['stream_ratios'])})", "≥ 0.95", verdict(app["stream_efficiency"] >= 0.95)))
+        if "reader_stream_efficiency" in app:
+            out.append(("stream efficiency (browser-like reader)", f"{app['reader_stream_efficiency']:.2f} (HTTP "
+                        f"{app['reader_http_tok_s']:.1f} tok/s; runs {spread(app['reader_stream_ratios'])})",
+                        "report", "—"))
+            out.append(("time to first token (browser-like reader)", f"**{app['reader_ttft_delta_ms']:+.0f} ms** "
+                        f"(first HTTP update {app['reader_ttft_http_ms']:.0f} ms − direct generate's first token "
+                        f"{app['ttft_plain_ms']:.0f} ms; a do-nothing endpoint's round trip "
+                        f"{app['reader_status_round_trip_ms']:.0f} ms)",
+                        "≤ 50 ms", verdict(app["reader_ttft_delta_ms"] <= 50)))
+        out.append(("time to first token (gradio_client)", f"{app['ttft_delta_ms']:+.0f} ms (first update "
+                    f"{app['ttft_http_ms']:.0f} ms; a do-nothing endpoint's round trip "
+                    f"{app.get('status_round_trip_ms', float('nan')):.0f} ms: the client checks for messages every "
+                    "50 ms)", "report", "—"))
         phases = app["warm_phases"]
         out.append(("warm start", f"**{app['warm_start']:.2f}** (`python app.py` → first reply "
                     f"{app['warm_app_s']:.1f} s"
