@@ -11,6 +11,7 @@ import gc
 import inspect
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -124,9 +125,13 @@ def _split_wqkv(tensor: torch.Tensor, config: dict) -> Tuple[torch.Tensor, torch
 
 
 def convert_state_dict(tensors: Dict[str, torch.Tensor], config: dict) -> Dict[str, torch.Tensor]:
-    """Rename InternLM2 weights to Llama's and split wqkv; unknown names raise so nothing is silently dropped."""
+    """Rename InternLM2 weights to Llama's and split wqkv; unknown names raise so nothing is silently dropped.
+
+    Empties ``tensors`` as it goes, so each packed wqkv is freed as soon as it is split.
+    """
     out: Dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+    for name in list(tensors):
+        tensor = tensors.pop(name)
         if name.startswith("model.tok_embeddings."):
             out["model.embed_tokens." + name[len("model.tok_embeddings."):]] = tensor
         elif name.startswith("output."):
@@ -168,22 +173,45 @@ def _shard_files(folder: Path) -> List[Path]:
     raise FileNotFoundError(f"No model.safetensors or pytorch_model.bin (or their index) in {folder}")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Read each tensor straight into memory the model will own.
+
+    A memory map would keep the file's pages resident beside the copies made from it, doubling the peak.
+    """
+    tensors: Dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        start = 8 + length
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if stored is None:
+                raise ValueError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, which the native "
+                                 f"loader does not read; {REMOTE_CODE_HINT}.")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            handle.seek(start + begin)
+            if handle.readinto(raw.numpy()) != end - begin:
+                raise ValueError(f"{path.name} is truncated; delete the model folder and download it again.")
+            tensor = raw.view(stored).reshape(info["shape"])
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
+
+
 def _read_shard(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """One shard's tensors in dtype, each copied out of the memory-mapped file so the model owns its memory."""
-
-    def own(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
-
+    """One shard's tensors in dtype, in memory of their own (never views of a mapped file)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {name: own(handle.get_tensor(name)) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    try:
-        mapped = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except (TypeError, RuntimeError):  # torch without mmap, or a legacy non-zip file
-        mapped = torch.load(str(path), map_location="cpu", weights_only=True)
-    return {name: own(tensor) for name, tensor in mapped.items()}
+        return _read_safetensors(path, dtype)
+    tensors = torch.load(str(path), map_location="cpu", weights_only=True)  # read, not mapped, for the same reason
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
 def _rebuild_rope(model: torch.nn.Module, device: str) -> None:
