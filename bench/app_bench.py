@@ -218,8 +218,8 @@ def _stream(client: object, url: str, weights: Path, tokens: int, runs: int) -> 
     """Rotate plain generate (its own process, main thread), gradio_client and the browser-like reader."""
     from sse_reader import QueueReader
 
+    reader, reader_status = QueueReader(url, "/chat"), QueueReader(url, "/status")
     baseline = Baseline(weights, tokens)
-    reader = QueueReader(url, "/chat")
     try:
         info = baseline.info
         if info["tokens"] != tokens or info["stop_ids_seen"]:
@@ -253,7 +253,6 @@ def _stream(client: object, url: str, weights: Path, tokens: int, runs: int) -> 
                 raise RuntimeError(f"{side}: {problem}")
             matches[side] += done["text"] == info["text"]
 
-        reader_status = QueueReader(url, "/status")
         steps = [direct, lambda: over_http("client"), lambda: over_http("reader")]
         for index in range(runs):  # rotate, so that no side always runs first or after the same neighbour
             for step in steps[index % 3:] + steps[:index % 3]:

@@ -321,13 +321,17 @@ def test_shard_reader_gives_what_safetensors_gives(internlm2, tmp_path: Path, dt
         assert torch.equal(read[name], expected), name
 
 
-def test_truncated_shard_is_refused_with_its_fix(internlm2, tmp_path: Path) -> None:
+def test_truncated_or_foreign_shard_is_refused_with_its_fix(internlm2, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     path = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(64, 64)}, str(path))
-    path.write_bytes(path.read_bytes()[:-100])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
     with pytest.raises(ValueError, match="truncated; delete the model folder"):
+        internlm2._read_shard(path, torch.float32)
+    path.write_bytes(b"<html>rate limited</html>")  # what a proxy may serve in place of the file
+    with pytest.raises(ValueError, match="not a readable safetensors file; delete the model folder"):
         internlm2._read_shard(path, torch.float32)
 
 

@@ -180,15 +180,19 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     """Read each tensor straight into memory the model will own.
 
     A memory map would keep the file's pages resident beside the copies made from it, doubling the peak.
     """
     tensors: Dict[str, torch.Tensor] = {}
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        try:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        except (struct.error, ValueError, MemoryError, OverflowError):
+            raise ValueError(f"{path.name} is not a readable safetensors file; delete the model folder and "
+                             "download it again.") from None
         header.pop("__metadata__", None)
         start = 8 + length
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
@@ -201,16 +205,16 @@ def _read_safetensors(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]
             handle.seek(start + begin)
             if handle.readinto(raw.numpy()) != end - begin:
                 raise ValueError(f"{path.name} is truncated; delete the model folder and download it again.")
-            tensor = raw.view(stored).reshape(info["shape"])
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            tensors[name] = raw.view(stored).reshape(info["shape"])
     return tensors
 
 
 def _read_shard(path: Path, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """One shard's tensors in dtype, in memory of their own (never views of a mapped file)."""
+    """One shard's tensors, floating point ones in dtype, in memory of their own (never views of a mapped file)."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path, dtype)
-    tensors = torch.load(str(path), map_location="cpu", weights_only=True)  # read, not mapped, for the same reason
+        tensors = _read_safetensors(path)
+    else:
+        tensors = torch.load(str(path), map_location="cpu", weights_only=True)  # read, not mapped, likewise
     return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
 
 
