@@ -23,6 +23,7 @@ ANSWERS = json.loads(r'''{
   "model_revision": {{ cookiecutter.model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
+  "platforms": {{ cookiecutter.platforms | tojson }},
   "max_new_tokens": {{ cookiecutter.max_new_tokens | tojson }},
   "temperature": {{ cookiecutter.temperature | tojson }},
   "top_p": {{ cookiecutter.top_p | tojson }},
@@ -90,7 +91,8 @@ def main() -> int:
     try:
         report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
                                        token=os.environ.get("MODEL_REPO_TOKEN", ""),
-                                       user=os.environ.get("MODEL_REPO_USER", ""))
+                                       user=os.environ.get("MODEL_REPO_USER", ""),
+                                       platforms=ANSWERS["platforms"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
               f" `python model_repo.py check` {where} later", file=sys.stderr)

@@ -1,6 +1,6 @@
 """A private git host for the tests: smart HTTP (``git http-backend`` via CGI) plus the git-lfs batch API.
 
-Every request needs HTTP Basic auth with the given user and token. It serves the
+Every request needs HTTP Basic auth with the given user and token (none when the token is empty). It serves the
 bare repos under one folder (as pushed by ``tinymodel.publish``, whose LFS objects
 live in ``<repo>.git/lfs/objects``), binds 127.0.0.1 only, and runs the standard
 library's http.server in a thread. Also: a listener that accepts and never answers.
@@ -34,6 +34,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing
 
     def _authorised(self) -> bool:
+        if not self.server.token:  # a public host
+            self.server.seen.append((self.command, self.path, bool(self.headers.get("Authorization")), True))
+            return True
         expected = "Basic " + base64.b64encode(f"{self.server.user}:{self.server.token}".encode()).decode()
         given = self.headers.get("Authorization", "")
         ok = hmac.compare_digest(given.encode(), expected.encode())
@@ -71,6 +74,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _batch(self, repo: str) -> None:
         request = json.loads(self._body() or b"{}")
+        if self.server.batch_delay:  # a stalled LFS endpoint: the answer comes too late
+            threading.Event().wait(self.server.batch_delay)
+        if self.server.batch_status:
+            self._send(self.server.batch_status, b'{"message": "internal error"}', LFS_JSON)
+            return
         base = f"http://127.0.0.1:{self.server.server_address[1]}/{repo}/info/lfs/objects/"
         answers = []
         for item in request.get("objects", []):
@@ -156,6 +164,8 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.user, self.token = root, user, token
         self.seen: List[Tuple[str, str, bool, bool]] = []  # (method, path, sent credentials, accepted)
+        self.batch_status = 0  # answer every batch request with this HTTP status instead
+        self.batch_delay = 0.0  # seconds to sit on a batch request before answering
 
 
 class GitHTTPServer:
@@ -172,6 +182,10 @@ class GitHTTPServer:
     @property
     def requests(self) -> List[Tuple[str, str, bool, bool]]:
         return list(self.server.seen)
+
+    def object_downloads(self) -> int:
+        """GETs of LFS objects: a check must make none."""
+        return sum(1 for method, path, _, _ in self.server.seen if method == "GET" and _OBJECT.match(path))
 
     def url(self, repo: str) -> str:
         return f"http://127.0.0.1:{self.port}/{repo}"

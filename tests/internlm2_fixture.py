@@ -50,6 +50,7 @@ MODELING_SOURCE = '''
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -107,7 +108,7 @@ class InternLM2Attention(nn.Module):
 
     def forward(self, x, start, cache):
         batch, length, _ = x.shape
-        qkv = self.wqkv(x).view(batch, length, self.kv_heads, self.groups + 2, self.head_dim)
+        qkv = rearrange(self.wqkv(x), "b q (h gs d) -> b q h gs d", gs=self.groups + 2, d=self.head_dim)
         q = qkv[:, :, :, : self.groups].reshape(batch, length, self.heads, self.head_dim).transpose(1, 2)
         k = qkv[:, :, :, self.groups].transpose(1, 2)
         v = qkv[:, :, :, self.groups + 1].transpose(1, 2)
@@ -500,3 +501,256 @@ def tinymodel_im_end_id(folder: Path) -> int:
 def publish_internlm2(model_folder: Path, bare: Path) -> str:
     """Push the checkpoint into a local bare git-lfs repo (file:// URL), as a Hub repo would serve it."""
     return tinymodel.publish(model_folder, bare, message="internlm2 model")
+
+
+# ---------------------------------------------------------------- a repo laid out like internlm2-chat-7b
+
+TOKENIZATION_FAST_SOURCE = '''
+"""InternLM2TokenizerFast for the tests: the tokenizers-backed twin of InternLM2Tokenizer.
+
+InternLM2 chat repos ship no tokenizer.json, so this class builds its backend from tokenizer.model at load
+time, through the converter registered below (byte-fallback BPE, spaces as U+2581, no pre-tokenizer).
+"""
+import os
+from shutil import copyfile
+
+from tokenizers import Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+from transformers.convert_slow_tokenizer import SLOW_TO_FAST_CONVERTERS, SentencePieceExtractor, SpmConverter
+from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
+from transformers.utils import logging
+
+from .tokenization_internlm2 import InternLM2Tokenizer
+
+logger = logging.get_logger(__name__)
+
+VOCAB_FILES_NAMES = {"vocab_file": "./tokenizer.model"}
+SPACE = "\\u2581"
+RESERVED = ("<unk>", "<s>", "</s>")  # ids 0, 1 and 2, whatever tokenizer.model calls them
+
+
+class InternLM2Converter(SpmConverter):
+    handle_byte_fallback = True
+
+    def vocab(self, proto):
+        scored = [(piece.piece, piece.score) for piece in proto.pieces]
+        for index, name in enumerate(RESERVED):
+            scored[index] = (name, scored[index][1])
+        return scored
+
+    def unk_id(self, proto):
+        return 0
+
+    def tokenizer(self, proto):
+        if proto.trainer_spec.model_type != 2:
+            raise ValueError("InternLM2TokenizerFast converts a BPE tokenizer.model only")
+        scored = self.vocab(proto)
+        added = dict(getattr(self.original_tokenizer, "added_tokens_decoder", None) or {})
+        for index, token in added.items():  # the config's spelling of a token wins over the model's piece
+            if index < len(scored):
+                scored[index] = (str(token), scored[index][1])
+        _, merges = SentencePieceExtractor(self.original_tokenizer.vocab_file).extract(scored)
+        ids = {piece: index for index, (piece, _) in enumerate(scored)}
+        backend = Tokenizer(BPE(ids, merges, unk_token=scored[self.unk_id(proto)][0], fuse_unk=True,
+                                byte_fallback=True))
+        backend.add_special_tokens([str(token) for _, token in sorted(added.items())])
+        return backend
+
+    def normalizer(self, proto):
+        steps = [normalizers.Replace(" ", SPACE)]
+        if proto.normalizer_spec.add_dummy_prefix:
+            steps.insert(0, normalizers.Prepend(SPACE))
+        return normalizers.Sequence(steps)
+
+    def pre_tokenizer(self, replacement, add_prefix_space):
+        return None
+
+    def decoder(self, replacement, add_prefix_space):
+        steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if self.proto.normalizer_spec.add_dummy_prefix:
+            steps.append(decoders.Strip(content=" ", left=1))
+        return decoders.Sequence(steps)
+
+    def post_processor(self):
+        return None  # the tokenizer class sets its own, from add_bos_token and add_eos_token
+
+
+SLOW_TO_FAST_CONVERTERS[InternLM2Tokenizer.__name__] = InternLM2Converter
+
+
+class InternLM2TokenizerFast(PreTrainedTokenizerFast):
+    vocab_files_names = VOCAB_FILES_NAMES
+    slow_tokenizer_class = InternLM2Tokenizer
+    padding_side = "left"
+    model_input_names = ["input_ids", "attention_mask"]
+    _auto_class = "AutoTokenizer"
+
+    def __init__(self, vocab_file=None, tokenizer_file=None, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                 pad_token="</s>", sp_model_kwargs=None, add_bos_token=True, add_eos_token=False,
+                 decode_with_prefix_space=False, clean_up_tokenization_spaces=False, **kwargs):
+        self._add_bos_token = add_bos_token
+        self._add_eos_token = add_eos_token
+        super().__init__(vocab_file=vocab_file, tokenizer_file=tokenizer_file, unk_token=unk_token,
+                         bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+                         sp_model_kwargs=sp_model_kwargs, add_bos_token=add_bos_token, add_eos_token=add_eos_token,
+                         decode_with_prefix_space=decode_with_prefix_space,
+                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
+        self.vocab_file = vocab_file
+        self.update_post_processor()
+
+    @property
+    def can_save_slow_tokenizer(self):
+        return bool(self.vocab_file) and os.path.isfile(self.vocab_file)
+
+    @property
+    def add_bos_token(self):
+        return self._add_bos_token
+
+    @add_bos_token.setter
+    def add_bos_token(self, value):
+        self._add_bos_token = value
+        self.update_post_processor()
+
+    @property
+    def add_eos_token(self):
+        return self._add_eos_token
+
+    @add_eos_token.setter
+    def add_eos_token(self, value):
+        self._add_eos_token = value
+        self.update_post_processor()
+
+    def update_post_processor(self):
+        """bos before the text (and eos after it) as the slow class does; a pair shares the one bos."""
+        before = [(self.bos_token, self.bos_token_id)] if self._add_bos_token else []
+        after = [(self.eos_token, self.eos_token_id)] if self._add_eos_token else []
+        if any(token is None or token_id is None for token, token_id in before + after):
+            raise ValueError("add_bos_token/add_eos_token need bos_token/eos_token")
+        single = [f"{token}:0" for token, _ in before] + ["$A:0"] + [f"{token}:0" for token, _ in after]
+        pair = [f"{token}:0" for token, _ in before] + ["$A:0", "$B:1"] + [f"{token}:1" for token, _ in after]
+        self._tokenizer.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
+                                                                       special_tokens=before + after)
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        if not self.can_save_slow_tokenizer:
+            raise ValueError("this fast tokenizer was not made from a tokenizer.model, so it cannot write one")
+        if not os.path.isdir(save_directory):
+            logger.error(f"Vocabulary path ({save_directory}) should be a directory")
+            return None
+        out = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer.model")
+        if os.path.abspath(self.vocab_file) != os.path.abspath(out):
+            copyfile(self.vocab_file, out)
+        return (out,)
+'''
+
+# What internlm2-chat-7b's own files say, where the tiny model may say the same (see the research notes).
+SPECIAL_TOKENS_MAP_7B = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+UPSTREAM_ROPE_SCALING = {"type": "dynamic", "factor": 2.0}
+UPSTREAM_MODEL_MAX_LENGTH = 1000000000000000019884624838656  # int(1e30), as transformers writes it
+README_7B = """---
+license: other
+pipeline_tag: text-generation
+---
+# tiny InternLM2 chat (test fixture)
+
+A few-kilobyte InternLM2 chat model with the file layout of internlm2-chat-7b, made by the
+xlab-chat-template tests. Load it with `trust_remote_code=True`.
+"""
+
+
+def _contiguous_shards(names: list, sizes: Dict[str, int], shards: int) -> list:
+    """Split names, in order, into `shards` non-empty runs of about equal bytes (save_pretrained's way)."""
+    if len(names) < shards:
+        raise ValueError(f"{len(names)} tensors cannot fill {shards} shards")
+    groups, start = [], 0
+    for left in range(shards, 0, -1):
+        if left == 1:
+            groups.append(names[start:])
+            break
+        target = sum(sizes[n] for n in names[start:]) / left
+        end, total = start + 1, sizes[names[start]]
+        while end < len(names) - (left - 1) and total + sizes[names[end]] <= target:
+            total += sizes[names[end]]
+            end += 1
+        groups.append(names[start:end])
+        start = end
+    return groups
+
+
+def write_safetensors_shards(folder: Path, tensors: Dict[str, object], shards: int) -> list:
+    """model-0000N-of-0000M.safetensors in the tensors' order plus model.safetensors.index.json; the shard names."""
+    from safetensors.torch import save_file
+
+    names = list(tensors)
+    sizes = {name: tensors[name].numel() * tensors[name].element_size() for name in names}
+    weight_map, files = {}, []
+    for number, group in enumerate(_contiguous_shards(names, sizes, shards), start=1):
+        filename = f"model-{number:05d}-of-{shards:05d}.safetensors"
+        save_file({name: tensors[name].contiguous() for name in group}, str(folder / filename),
+                  metadata={"format": "pt"})
+        weight_map.update({name: filename for name in group})
+        files.append(filename)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def build_internlm2_like_7b(folder: Path, llama_folder: Path, *, shards: int = 8,
+                            rope_scaling: Optional[dict] = None, max_position_embeddings: int = 32768) -> Path:
+    """The trained tiny chat Llama (tinymodel.build_chat_model) as a repo laid out like internlm2-chat-7b.
+
+    Files: config.json (auto_map for AutoConfig/AutoModel/AutoModelForCausalLM, model_type internlm2, dynamic
+    NTK RoPE with factor 2.0 as upstream; it only acts past max_position_embeddings, so the trained replies
+    stay), generation_config.json (eos [2, <|im_end|>]), special_tokens_map.json, tokenizer_config.json
+    (AutoTokenizer names the slow and the fast class; chat template; added_tokens_decoder), tokenizer.model
+    (sentencepiece BPE with byte fallback and the identity normaliser), NO tokenizer.json, `shards`
+    safetensors shards with model.safetensors.index.json, and the remote code: configuration_internlm2.py,
+    modeling_internlm2.py (the oracle, which imports einops), tokenization_internlm2.py and
+    tokenization_internlm2_fast.py. The weights stay float32 (upstream ships bfloat16) so that greedy
+    replies do not depend on rounding.
+    """
+    from safetensors.torch import load_file
+
+    internlm2_from_llama(llama_folder, folder)
+    single = folder / "model.safetensors"
+    tensors = load_file(str(single))
+    single.unlink()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    # Embeddings first, then layer by layer, then the final norm and the head: the order save_pretrained
+    # walks InternLM2ForCausalLM in, so each shard holds neighbouring tensors as upstream's do.
+    def order(name: str) -> tuple:
+        if name.startswith("model.tok_embeddings."):
+            return (0, 0, name)
+        if name.startswith("model.layers."):
+            return (1, int(name.split(".")[2]), name)
+        return (2, 0 if name.startswith("model.norm.") else 1, name)
+
+    write_safetensors_shards(folder, {name: tensors[name] for name in sorted(tensors, key=order)}, shards)
+
+    config["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                          "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
+    config["rope_scaling"] = dict(UPSTREAM_ROPE_SCALING if rope_scaling is None else rope_scaling)
+    config["max_position_embeddings"] = max_position_embeddings
+    config["initializer_range"] = 0.02
+    config["transformers_version"] = "4.37.1"
+    (folder / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n", encoding="utf-8")
+
+    generation = {"bos_token_id": 1, "eos_token_id": [2, tinymodel_im_end_id(folder)], "pad_token_id": 2,
+                  "transformers_version": "4.37.1"}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP_7B, indent=2) + "\n",
+                                                    encoding="utf-8")
+
+    path = folder / "tokenizer_config.json"
+    tok_config = json.loads(path.read_text(encoding="utf-8"))
+    tok_config.update({
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+        "model_max_length": UPSTREAM_MODEL_MAX_LENGTH, "sp_model_kwargs": None,
+    })
+    path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "tokenization_internlm2_fast.py").write_text(TOKENIZATION_FAST_SOURCE.lstrip(), encoding="utf-8")
+    (folder / "README.md").write_text(README_7B, encoding="utf-8")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    return folder

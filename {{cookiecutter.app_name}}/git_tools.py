@@ -44,6 +44,12 @@ class RepoError(RuntimeError):
         self.kind = kind
 
 
+def auth_header(token: str, user: str = "") -> str:
+    """The HTTP header that carries the token: git, git-lfs and the LFS batch check all send this one."""
+    credentials = base64.b64encode(f"{user or 'oauth2'}:{token}".encode()).decode()
+    return f"Authorization: Basic {credentials}"
+
+
 def git_env(token: str = "", user: str = "", base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Environment for every git call.
 
@@ -67,8 +73,7 @@ def git_env(token: str = "", user: str = "", base: Optional[Mapping[str, str]] =
     config = [("lfs.activitytimeout", str(stall)), ("lfs.dialtimeout", "15"),
               ("lfs.transfer.maxretries", str(LFS_RETRIES)), ("lfs.transfer.maxretrydelay", str(min(stall, 10)))]
     if token:
-        credentials = base64.b64encode(f"{user or 'oauth2'}:{token}".encode()).decode()
-        config += [("credential.helper", ""), ("http.extraHeader", f"Authorization: Basic {credentials}")]
+        config += [("credential.helper", ""), ("http.extraHeader", auth_header(token, user))]
     start = int(env.get("GIT_CONFIG_COUNT") or 0)
     for index, (key, value) in enumerate(config, start):
         env[f"GIT_CONFIG_KEY_{index}"] = key

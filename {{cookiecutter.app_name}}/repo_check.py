@@ -26,15 +26,17 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from git_tools import RepoError, git_env, read_pointer, run_git, working_files
+from lfs_objects import LFSUnanswered, check_objects
+from platform_tiers import GB, NAMES, chosen_platforms, cpu_tiers
 from repo_url import LOCAL, MODELSCOPE, RepoURLError, normalise
 
 MAX_TIMEOUT = 60.0  # an unreachable or stalled host ends the whole check within this bound
 DEFAULT_TIMEOUT = 45.0  # leaves room under MAX_TIMEOUT for the local steps and the cleanup
 TIMEOUT_ENV = "MODEL_CHECK_TIMEOUT"
 
-OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
-SYMBOLS = {OK: "✓", WARN: "⚠", FAIL: "✗", SKIP: "–"}
-ASCII_SYMBOLS = {OK: "[ok]", WARN: "[warn]", FAIL: "[FAIL]", SKIP: "[-]"}
+OK, WARN, FAIL, SKIP, INFO = "ok", "warn", "fail", "skip", "info"
+SYMBOLS = {OK: "✓", WARN: "⚠", FAIL: "✗", SKIP: "–", INFO: "·"}
+ASCII_SYMBOLS = {OK: "[ok]", WARN: "[warn]", FAIL: "[FAIL]", SKIP: "[-]", INFO: "[i]"}
 
 LATER = "run `python model_repo.py check` in the app folder once the host can be reached"
 TOKEN_FIX = ("set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER: your user name on Hugging Face or"
@@ -389,7 +391,41 @@ def _check_weights(listing: Listing) -> Tuple[Check, List[str]]:
     return Check("5 weights", OK, f"{what}, {human_bytes(total)}"), files
 
 
-def _check_lfs(listing: Listing, weights: List[str]) -> Check:
+@dataclass(frozen=True)
+class Remote:
+    """How to reach the repo's LFS store: the git URL and the same credentials the clone sends."""
+
+    url: str
+    token: str = field(default="", repr=False)
+    user: str = ""
+
+
+def _missing_objects(listing: Listing, remote: Remote, deadline: Deadline) -> Tuple[Optional[Check], str]:
+    """(a ✗ naming the files whose LFS objects the store lacks or a ⚠ when it could not say, else None;
+    what was asked, for the ✓ line)."""
+    title = "6 weights in LFS"
+    names = sorted(listing.lfs)
+    try:
+        objects, missing = check_objects(remote.url, listing.root, names, remote.token, remote.user,
+                                         timeout=deadline.left(cap=20))
+    except LFSUnanswered as error:
+        if error.kind == "protocol":
+            return None, "objects not asked: an ssh remote"
+        fix = TOKEN_FIX if error.kind == "auth" and not remote.token else LATER
+        return Check(title, WARN, f"{len(names)} file(s) in LFS, but whether their content was uploaded is not"
+                     f" known: {error}", fix), ""
+    if not missing:
+        where = "the LFS server" if remote.url.startswith(("http://", "https://")) else "the remote's LFS store"
+        return None, f"all {len(objects)} object(s) present on {where}"
+    shown = ", ".join(item.path for item in missing[:4]) + (" …" if len(missing) > 4 else "")
+    return Check(title, FAIL, f"{len(missing)} of {len(objects)} LFS object(s) are not on the server, only their"
+                 f" pointers: {shown}",
+                 "the pointers were pushed without the files (git-lfs missing or the upload interrupted): from the"
+                 " machine that has the files, run `git lfs push --all origin`, then check again"), ""
+
+
+def _check_lfs(listing: Listing, weights: List[str], remote: Optional[Remote] = None,
+               deadline: Optional[Deadline] = None) -> Check:
     title = "6 weights in LFS"
     if listing.local_folder:
         pointers = sorted(listing.lfs)
@@ -402,12 +438,20 @@ def _check_lfs(listing: Listing, weights: List[str]) -> Check:
               and n not in plain]
     fix = ("track them with git lfs (`git lfs track \"*.safetensors\"`, or `git lfs migrate import"
            " --include=\"*.safetensors,*.bin\"` for committed history) and push again")
+    absent, asked = None, ""
+    if remote is not None and listing.lfs:
+        absent, asked = _missing_objects(listing, remote, deadline or Deadline(MAX_TIMEOUT))
+    if absent is not None and absent.status == FAIL:
+        return absent
     if plain:
         return Check(title, WARN, f"committed as plain git blobs, not LFS: {', '.join(sorted(plain)[:4])}", fix)
+    if absent is not None:
+        return absent
     if not weights:
         return Check(title, SKIP, "not checked (no weights)")
     stored = sum(listing.sizes[w] for w in weights)
-    return Check(title, OK, f"{len(weights)} file(s) in LFS ({human_bytes(stored)}, not downloaded)")
+    asked = f"; {asked}" if asked else ""
+    return Check(title, OK, f"{len(weights)} file(s) in LFS ({human_bytes(stored)}, not downloaded){asked}")
 
 
 def machine_memory() -> Optional[int]:
@@ -445,10 +489,75 @@ def estimate_memory(weight_bytes: int, config: dict, runtime_bytes: int) -> Tupl
     return params, weights + kv + ACTIVATIONS, note
 
 
-def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], hardware: str, dtype: str) -> Check:
+def _cpu_fit(need32: float, need16: float, memory: int) -> str:
+    """fits (float32 too), bf16 (only where the CPU runs bfloat16) or small."""
+    if need16 > memory:
+        return "small"
+    return "bf16" if need32 > memory else "fits"
+
+
+def _check_cpu_fit(title: str, need32: float, need16: float, weight_bytes: int, config: dict, head: str,
+                   platforms: str) -> List[Check]:
+    """Judged on the CPU tiers of the platforms answered; this computer's RAM is a second, informative line."""
+    _, need_gpu, _ = estimate_memory(weight_bytes, config, 2)
+    card = next((name for name, (_, usable) in CARDS.items() if need_gpu <= usable), "")
+    smaller = "use a smaller model (about 1.8B parameters suits a CPU)" + (f" or a GPU (hardware {card})" if card
+                                                                             else "")
+    ram = machine_memory()
+    here = "" if ram is None else f"this computer has {ram / GIB:.1f} GiB"
+    hosted = chosen_platforms(platforms)
+    if not hosted:  # local only: this machine is where it runs
+        if ram is None:
+            return [Check(title, OK, head + "; this machine's memory is unknown")]
+        verdict = _cpu_fit(need32, need16, ram)
+        if verdict == "small":
+            return [Check(title, WARN, f"{head}; {here}", smaller)]
+        if verdict == "bf16":
+            return [Check(title, WARN, f"{head}; {here} (enough only where the CPU runs bfloat16)",
+                          "use a smaller model or a machine with more memory")]
+        return [Check(title, OK, f"{head}; {here}")]
+    parts, worst, unknown = [], "fits", []
+    for platform in hosted:
+        tiers = [tier for tier in cpu_tiers(platform) if tier.memory]
+        if not tiers:
+            unknown.append(NAMES[platform])
+            continue
+        fitting = [tier for tier in tiers if _cpu_fit(need32, need16, tier.memory or 0) == "fits"]
+        squeezed = [tier for tier in tiers if _cpu_fit(need32, need16, tier.memory or 0) == "bf16"]
+        best = (fitting or squeezed or [None])[0]
+        if best is None:
+            parts.append(f"{NAMES[platform]}: no CPU tier is large enough (the largest has"
+                         f" {max(t.memory or 0 for t in tiers) / GB:.0f} GB)")
+            worst = "small"
+            continue
+        cost = "free" if best.free else "paid"
+        note = "" if best in fitting else ", only if its CPU runs bfloat16"
+        parts.append(f"{NAMES[platform]} {best.name} ({best.memory / GB:.0f} GB, {cost}){note}")
+        if worst != "small" and (best not in fitting or not best.free):
+            worst = "tight"
+    detail = f"{head}; fits " + "; ".join(parts) if parts else head
+    if unknown:
+        verb = "documents" if len(unknown) == 1 else "document"
+        detail += f"; {' and '.join(unknown)} {verb} no CPU tier memory, so not judged there"
+    checks = []
+    if worst == "small":
+        checks.append(Check(title, WARN, detail, smaller))
+    elif worst == "tight":
+        checks.append(Check(title, WARN, detail, "choose that tier when deploying, or use a smaller model"))
+    else:
+        checks.append(Check(title, OK, detail))
+    if ram is not None:
+        verdict = {"fits": "fits", "bf16": "fits only where the CPU runs bfloat16", "small": "too small"}[
+            _cpu_fit(need32, need16, ram)]
+        checks.append(Check(f"{title} on this computer", INFO, f"{here}: {verdict} for `python app.py`"))
+    return checks
+
+
+def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], hardware: str, dtype: str,
+               platforms: str = "local") -> List[Check]:
     title = f"7 fits {hardware}"
     if not weights or config is None:
-        return Check(title, SKIP, "not checked (no weights or no config.json)")
+        return [Check(title, SKIP, "not checked (no weights or no config.json)")]
     weight_bytes = sum(listing.sizes[w] for w in weights)
     gpu_bytes = 4 if dtype == "float32" else 2
     params, need, note = estimate_memory(weight_bytes, config, gpu_bytes)
@@ -457,38 +566,26 @@ def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], har
     if hardware == "cpu":
         _, need32, _ = estimate_memory(weight_bytes, config, 4)
         _, need16, _ = estimate_memory(weight_bytes, config, 2)
-        ram = machine_memory()
-        detail = f"{size}needs about {need32 / GIB:.1f} GiB in float32 or {need16 / GIB:.1f} GiB in bfloat16{unsure}"
-        if ram is None:
-            return Check(title, OK, detail + "; this machine's memory is unknown")
-        detail += f"; this machine has {ram / GIB:.1f} GiB"
-        if need16 > ram:
-            _, need_gpu, _ = estimate_memory(weight_bytes, config, 2)
-            card = next((name for name, (_, usable) in CARDS.items() if need_gpu <= usable), "")
-            return Check(title, WARN, detail, "use a smaller model (about 1.8B parameters suits a CPU)"
-                         + (f" or a GPU (hardware {card})" if card else ""))
-        if need32 > ram:
-            return Check(title, WARN, detail + " (enough only where the CPU runs bfloat16)",
-                         "use a smaller model or a machine with more memory")
-        return Check(title, OK, detail)
+        head = f"{size}needs about {need32 / GIB:.1f} GiB in float32 or {need16 / GIB:.1f} GiB in bfloat16{unsure}"
+        return _check_cpu_fit(title, need32, need16, weight_bytes, config, head, platforms)
     fits = [name for name, (_, usable) in CARDS.items() if need <= usable]
     detail = f"{size}needs about {need / GIB:.1f} GiB on the GPU{unsure}"
     if hardware not in CARDS:  # auto: the card is chosen when deploying
         if fits:
-            return Check(title, OK, f"{detail}: fits {' and '.join(fits)}")
-        return Check(title, WARN, f"{detail}: too large for an A10 (24 GB) or an A100 (40 GB)",
-                     "use a smaller or quantized model")
+            return [Check(title, OK, f"{detail}: fits {' and '.join(fits)}")]
+        return [Check(title, WARN, f"{detail}: too large for an A10 (24 GB) or an A100 (40 GB)",
+                      "use a smaller or quantized model")]
     label, usable = CARDS[hardware]
     detail += f", {label} has about {usable / GIB:.0f} GiB usable"
     if need > usable:
         bigger = [name for name in fits if CARDS[name][1] > usable]
         fix = (f"answer hardware {bigger[0]}, or use a smaller model" if bigger
                else "use a smaller or quantized model (a 7B model fits an A10, a 20B one an A100 40 GB)")
-        return Check(title, WARN if note else FAIL, detail, fix)
+        return [Check(title, WARN if note else FAIL, detail, fix)]
     if need > TIGHT * usable:
-        return Check(title, WARN, detail + ": tight, long chats may run out of memory",
-                     "lower MAX_NEW_TOKENS, or use a larger card or a smaller model")
-    return Check(title, OK, detail)
+        return [Check(title, WARN, detail + ": tight, long chats may run out of memory",
+                      "lower MAX_NEW_TOKENS, or use a larger card or a smaller model")]
+    return [Check(title, OK, detail)]
 
 
 def _check_modelscope(listing: Listing) -> Check:
@@ -514,8 +611,12 @@ def _local_path(repo: str) -> Optional[Path]:
 
 def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader: str = "native",
                dtype: str = "auto", token: str = "", user: str = "", timeout: Optional[float] = None,
-               hub: Optional[str] = None) -> Report:
-    """Run every check; never raises for a problem of the repo or the network."""
+               hub: Optional[str] = None, platforms: str = "local") -> Report:
+    """Run every check; never raises for a problem of the repo or the network.
+
+    ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
+    CPU tiers; "local" (the app's own pre-flight, on the machine it runs on) judges this machine.
+    """
     from model_repo import resolve_source
 
     deadline = Deadline(check_timeout() if timeout is None else min(timeout, MAX_TIMEOUT))
@@ -542,6 +643,7 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
     try:
         try:
             source = resolve_source(parsed.git_url, revision or "main")
+            remote = None
             if source.local_folder is not None:
                 sizes, lfs = _scan(source.local_folder)
                 listing = Listing(source.local_folder, sizes, lfs, local_folder=True)
@@ -550,18 +652,20 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
                 env = git_env(token, user)
                 env["GIT_HTTP_LOW_SPEED_TIME"] = str(max(1, min(30, int(deadline.seconds))))
                 listing = list_remote(source.url, source.revision, work_parent / "repo", env, deadline, (token,))
+                remote = Remote(source.url, token, user)
                 report.checks.append(Check(title, OK, f"revision {source.revision} is commit {listing.commit[:12]}"))
         except RepoError as error:
             check, report.unreachable, report.needs_token = _reach_failure(error, token, repo)
             report.checks.append(check)
             return _skip_rest(report)
-        _run_checks(report, listing, hub, hardware, loader, dtype)
+        _run_checks(report, listing, hub, hardware, loader, dtype, remote, deadline, platforms)
     finally:
         shutil.rmtree(work_parent, ignore_errors=True)
     return report
 
 
-def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str) -> None:
+def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str,
+                remote: Optional[Remote], deadline: Deadline, platforms: str) -> None:
     config_check, config = _check_config(listing, loader)
     tokenizer_check, tok_config = _check_tokenizer(listing, loader)
     weights_check, weights = _check_weights(listing)
@@ -570,8 +674,8 @@ def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loade
         tokenizer_check,
         _check_chat_template(listing, tok_config, config),
         weights_check,
-        _check_lfs(listing, weights),
-        _check_fit(listing, weights, config, hardware, dtype),
+        _check_lfs(listing, weights, remote, deadline),
+        *_check_fit(listing, weights, config, hardware, dtype, platforms),
     ]
     if hub == MODELSCOPE:
         report.checks.append(_check_modelscope(listing))
@@ -705,6 +809,9 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     parser.add_argument("--hardware", default=pick("hardware", "auto").lower(), choices=HARDWARE_CHOICES)
     parser.add_argument("--loader", default=pick("loader", "native").lower(), choices=LOADER_CHOICES)
     parser.add_argument("--dtype", default=(env.get("DTYPE") or "auto").lower(), choices=DTYPE_CHOICES)
+    parser.add_argument("--platforms", default=pick("platforms", "local").lower(),
+                        help="where the app will run, as answered (all, local, or names joined by +): the CPU"
+                             " fit is judged on those platforms' tiers")
     parser.add_argument("--timeout", type=float, default=None,
                         help=f"seconds for the whole check (default {TIMEOUT_ENV} or {DEFAULT_TIMEOUT:.0f}, at most"
                              f" {MAX_TIMEOUT:.0f})")
@@ -714,7 +821,7 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         return 2
     report = check_repo(args.repo, args.revision, args.hardware, args.loader, args.dtype,
                         token=env.get("MODEL_REPO_TOKEN", ""), user=env.get("MODEL_REPO_USER", ""),
-                        timeout=args.timeout)
+                        timeout=args.timeout, platforms=args.platforms)
     print(report.render(), flush=True)
     line = summary(report)
     if report.failed:
