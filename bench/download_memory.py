@@ -50,11 +50,12 @@ def _lfs_pull(bare: Path, work: Path) -> float:
 
 
 def _app_download(bare: Path, target: Path) -> float:
-    import model_repo
+    from xlab_chat.model import download as model_repo
+    from xlab_chat.model.source import ModelSource
 
     shutil.rmtree(target, ignore_errors=True)
     started = clock()
-    model_repo.download(model_repo.ModelSource(url=bare.as_uri(), revision="main"), target)
+    model_repo.download(ModelSource(url=bare.as_uri(), revision="main"), target)
     return clock() - started
 
 

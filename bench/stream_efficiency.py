@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from engine import Engine, Generation
+    from xlab_chat.engines.transformers_engine import Engine, Generation
 
     torch.manual_seed(0)
     engine = Engine.load(bench_model(), "cpu", "float32")

@@ -24,7 +24,7 @@ def say(record: dict) -> None:
 def baseline(folder: str, prompt: str, tokens: int) -> None:
     import torch
     from common import clock
-    from engine import Engine, IncrementalDecoder
+    from xlab_chat.engines.transformers_engine import Engine, IncrementalDecoder
 
     engine = Engine.load(Path(folder), "cpu", "float32")
     ids, _ = engine.fit_prompt("", [], prompt, tokens)
@@ -85,7 +85,7 @@ def _import_model_code() -> None:
 def loadmem(folder: str) -> None:
     import torch
     from common import clock, proc_status_kib, reset_peak_rss
-    from engine import Engine
+    from xlab_chat.engines.transformers_engine import Engine
 
     _import_model_code()
     base = proc_status_kib("VmRSS") * 1024
@@ -108,8 +108,8 @@ def loadmem(folder: str) -> None:
 def loader(kind: str, folder: str, tokens: int) -> None:
     import torch
     from common import clock, proc_status_kib, reset_peak_rss
-    from internlm2 import load_internlm2_as_llama
     from transformers import AutoModelForCausalLM
+    from xlab_chat.engines.internlm2 import load_internlm2_as_llama
 
     _import_model_code()
     base = proc_status_kib("VmRSS") * 1024

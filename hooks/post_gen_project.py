@@ -1,7 +1,7 @@
 """After the files are written: record the normalised model repo, then check the repo.
 
 Standard library only; runs in the generated folder and uses the app's own
-repo_url and repo_check modules (the same check as ``python model_repo.py check``).
+xlab_chat.model package (the same check as ``python -m xlab_chat check``).
 Answers arrive as JSON data (``| tojson``), never pasted inside Python quotes.
 
 Exit policy: any ✗ exits 1 (cookiecutter then removes the folder unless
@@ -38,8 +38,8 @@ def write_json_atomically(path: Path, data: dict) -> None:
 
 
 def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new_revision: str) -> None:
-    """defaults.json (and the README's mentions) get the git URL and revision the app will use."""
-    defaults_path = folder / "defaults.json"
+    """settings.json (and the README's mentions) get the git URL and revision the app will use."""
+    defaults_path = folder / "settings.json"
     defaults = json.loads(defaults_path.read_text(encoding="utf-8"))
     defaults["model_repo"], defaults["model_revision"] = new_repo, new_revision
     write_json_atomically(defaults_path, defaults)
@@ -67,8 +67,8 @@ def main() -> int:
     folder = Path.cwd()
     sys.dont_write_bytecode = True  # no __pycache__ in the generated app
     sys.path.insert(0, str(folder))
-    import repo_check
-    from repo_url import normalise
+    from xlab_chat.model import check as repo_check
+    from xlab_chat.model.repo_url import normalise
 
     problems = repo_check.check_answers(ANSWERS)  # as the pre-gen hook did, in case it could not
     for what, fix in problems:
@@ -80,11 +80,11 @@ def main() -> int:
     new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
     if parsed.git_url != repo or new_revision != revision:
         record_normalised(folder, repo, revision, parsed.git_url, new_revision)
-        print(f"{parsed.describe()}; defaults.json now says model_repo={parsed.git_url}, "
+        print(f"{parsed.describe()}; settings.json now says model_repo={parsed.git_url}, "
               f"model_revision={new_revision}")
     where = f"in {folder}"
     if not repo_check.is_yes(ANSWERS["validate_model_repo"]):
-        print(f"The model repo was not checked (validate_model_repo=no) — run `python model_repo.py check` {where}"
+        print(f"The model repo was not checked (validate_model_repo=no) — run `python -m xlab_chat check` {where}"
               " before deploying.")
         return 0
     print("Checking the model repo (no weights are downloaded)…", flush=True)
@@ -95,13 +95,13 @@ def main() -> int:
                                        platforms=ANSWERS["platforms"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
-              f" `python model_repo.py check` {where} later", file=sys.stderr)
+              f" `python -m xlab_chat check` {where} later", file=sys.stderr)
         return 0
     print(report.render(), flush=True)
     if report.failed:
         print(f"ERROR: {repo_check.summary(report)} — fix the model repo (or the answers) and generate again; to keep"
               " the generated files anyway, add --keep-project-on-failure to the cookiecutter command, or answer"
-              " validate_model_repo=no and run `python model_repo.py check` later", file=sys.stderr, flush=True)
+              " validate_model_repo=no and run `python -m xlab_chat check` later", file=sys.stderr, flush=True)
         return 1
     line = repo_check.summary(report)
     print(f"WARNING: {line}" if report.unreachable or report.needs_token else line, flush=True)

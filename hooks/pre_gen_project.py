@@ -3,7 +3,7 @@
 Standard library only. The answers arrive as JSON data (``| tojson``), never pasted
 inside Python quotes, so no answer can change this code. Each problem prints
 ``ERROR: <what> — <how to fix>``; any problem exits 1 (and cookiecutter removes
-the half-made folder). The rules live in the app's repo_check.check_answers, which
+the half-made folder). The rules live in the app's xlab_chat.model.check.check_answers, which
 the post-generation hook runs again (the only check where this hook cannot find
 the template's folder).
 """
@@ -35,7 +35,7 @@ APP_FOLDER = "{{cookiecutter.app_name}}"  # the template's app folder, named lit
 
 
 def template_app_folder() -> Optional[Path]:
-    """The template's app folder, whose stdlib-only modules (repo_check, repo_url, settings) this hook shares.
+    """The template's app folder, whose stdlib-only xlab_chat package (model.check, settings) this hook shares.
 
     cookiecutter passes _repo_dir as it was typed (``cookiecutter .`` gives "."), and runs this hook in the
     new project folder while cookiecutter itself works in the template folder.
@@ -48,7 +48,7 @@ def template_app_folder() -> Optional[Path]:
     for candidate in candidates:
         try:
             folder = candidate.resolve() / APP_FOLDER
-            if (folder / "repo_check.py").is_file() and (folder / "repo_url.py").is_file():
+            if (folder / "xlab_chat" / "model" / "check.py").is_file():
                 return folder
         except OSError:
             continue
@@ -61,7 +61,7 @@ def main() -> int:
         return 0
     sys.dont_write_bytecode = True  # leave no __pycache__ in the template (it would be copied into apps)
     sys.path.insert(0, str(folder))
-    from repo_check import check_answers
+    from xlab_chat.model.check import check_answers
 
     problems = check_answers(ANSWERS)
     for what, fix in problems:

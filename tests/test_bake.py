@@ -11,12 +11,18 @@ from pathlib import Path
 import pytest
 
 # The default render (platforms=all); tests/test_platforms.py checks which files each other choice leaves out.
-EXPECTED_FILES = {
-    ".gitignore", "README.md", "app.py", "chat_history.py", "chat_ui.py", "defaults.json", "engine.py",
-    "git_tools.py",
-    "internlm2.py", "model_repo.py", "ms_deploy.json", "packages.txt", "repo_check.py", "repo_url.py",
-    "requirements.txt", "ruff.toml", "settings.py", "startup.py", "ui_text.py",
+RUNTIME = {
+    "xlab_chat/__init__.py", "xlab_chat/__main__.py", "xlab_chat/settings.py", "xlab_chat/startup.py",
+    "xlab_chat/model/__init__.py", "xlab_chat/model/check.py", "xlab_chat/model/download.py",
+    "xlab_chat/model/git_tools.py", "xlab_chat/model/lfs_objects.py", "xlab_chat/model/platform_tiers.py",
+    "xlab_chat/model/repo_url.py", "xlab_chat/model/source.py",
+    "xlab_chat/engines/__init__.py", "xlab_chat/engines/internlm2.py", "xlab_chat/engines/transformers_engine.py",
+    "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",
 }
+EXPECTED_FILES = {
+    ".gitignore", "README.md", "app.py", "settings.json", "ms_deploy.json", "packages.txt", "requirements.txt",
+} | RUNTIME
+APP_RUFF = Path(__file__).resolve().parent / "app_ruff.toml"
 HARDWARE = ["auto", "a10-24gb", "a100-40gb", "cpu"]
 
 
@@ -30,7 +36,7 @@ def test_every_hardware_choice_renders_the_exact_file_set(cookies, hardware: str
     assert result.exit_code == 0, result.exception
     folder = Path(result.project_path)
     assert rendered_files(folder) == EXPECTED_FILES
-    defaults = json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     assert defaults["hardware"] == hardware  # extra_context typos are ignored silently: check the value landed
 
 
@@ -39,7 +45,7 @@ def test_defaults_render_an_openxlab_app(cookies) -> None:
     assert result.exit_code == 0, result.exception
     folder = Path(result.project_path)
     assert folder.name == "internlm2-chat-demo"
-    defaults = json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     assert defaults["model_repo"] == "https://code.openxlab.org.cn/OpenLMLab/internlm2-chat-7b.git"
     assert (defaults["temperature"], defaults["top_p"], defaults["max_new_tokens"]) == (0.8, 0.8, 1024)
     assert defaults["repetition_penalty"] == 1.005
@@ -51,7 +57,7 @@ def test_answers_with_quotes_and_markup_survive_as_data(cookies) -> None:
     tricky = 'He said "hi" \\ {x} \n <b>bold</b> 上海 \'; import os'
     result = cookies.bake(extra_context={"system_prompt": tricky, "app_title": 'My "demo"'})
     assert result.exit_code == 0, result.exception
-    defaults = json.loads((Path(result.project_path) / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((Path(result.project_path) / "settings.json").read_text(encoding="utf-8"))
     assert defaults["system_prompt"] == tricky
     assert defaults["app_title"] == 'My "demo"'
 
@@ -65,8 +71,20 @@ def test_no_jinja_left_and_code_is_lint_clean(cookies, hardware: str) -> None:
         if path.is_file():
             text = path.read_text(encoding="utf-8")
             assert "{{" not in text and "{%" not in text and "cookiecutter." not in text, path
-    for path in folder.glob("*.py"):
+    for path in folder.rglob("*.py"):
         py_compile.compile(str(path), doraise=True)
-    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=folder,
-                          capture_output=True, text=True)
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--config", str(APP_RUFF), "."],
+                          cwd=folder, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_top_level_shows_what_a_student_owns(cookies) -> None:
+    """One Python file on top (app.py); the runtime is one package the student never needs to open."""
+    folder = Path(cookies.bake().project_path)
+    top_python = sorted(p.name for p in folder.iterdir() if p.suffix == ".py")
+    assert top_python == ["app.py"]
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["xlab_chat"]
+    app = (folder / "app.py").read_text(encoding="utf-8")
+    for point in ("TITLE =", "DESCRIPTION =", "EXAMPLES =", "THEME =", "def extra_components(gr)", "xlab_chat.launch("):
+        assert point in app
+    assert len(app.splitlines()) <= 30

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def normalise(app_modules):
-    from chat_history import normalise_history
+    from xlab_chat.page.history import normalise_history
 
     return normalise_history
 

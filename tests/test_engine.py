@@ -11,14 +11,14 @@ import tinymodel
 
 @pytest.fixture(scope="module")
 def engine(app_modules, tiny_model):
-    from engine import Engine
+    from xlab_chat.engines.transformers_engine import Engine
 
     return Engine.load(tiny_model, "auto")
 
 
 def run(engine, ids, max_new_tokens=64, temperature=0.0, cancel_after=None):
     """Collect a whole generation; optionally cancel after some pieces arrive."""
-    from engine import Generation
+    from xlab_chat.engines.transformers_engine import Generation
 
     inbox: queue.Queue = queue.Queue()
     generation = engine.start(ids, inbox.put, max_new_tokens, temperature, 0.8, 1.0)
@@ -48,7 +48,7 @@ def test_stops_on_im_end_although_generation_config_lists_only_eos(engine, tiny_
 
 def test_streamed_pieces_equal_one_full_decode(engine):
     """Incremental decoding keeps spaces, CJK and emoji that span several tokens intact."""
-    from engine import IncrementalDecoder
+    from xlab_chat.engines.transformers_engine import IncrementalDecoder
 
     text = "Hello world, 你好 世界! 😀 two  spaces\nnew line 🚀🎉"
     ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -71,7 +71,7 @@ def test_greedy_is_deterministic_and_cancel_ends_the_thread_fast(engine):
 
 
 def test_history_is_truncated_oldest_first_and_too_long_input_refused(engine):
-    from engine import InputTooLong
+    from xlab_chat.engines.transformers_engine import InputTooLong
 
     turn = [{"role": "user", "content": "la " * 300}, {"role": "assistant", "content": "la " * 300}]
     history = turn * 12  # far beyond the 4096-token context
@@ -87,7 +87,7 @@ def test_history_is_truncated_oldest_first_and_too_long_input_refused(engine):
 
 def test_generation_error_reaches_the_caller_and_frees_the_thread(engine):
     """An exception inside generate() (here: a bad sampling value) arrives as an item, not a hang."""
-    from engine import Generation
+    from xlab_chat.engines.transformers_engine import Generation
 
     inbox: queue.Queue = queue.Queue()
     ids, _ = engine.fit_prompt("", [], "Hello", 16)
@@ -100,7 +100,7 @@ def test_generation_error_reaches_the_caller_and_frees_the_thread(engine):
 
 def test_placement_never_uses_fp16_on_cpu(app_modules):
     import torch
-    from engine import choose_placement
+    from xlab_chat.engines.transformers_engine import choose_placement
 
     placement = choose_placement("cpu")
     assert placement.device == "cpu" and placement.dtype in (torch.bfloat16, torch.float32)

@@ -37,7 +37,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def internlm2(app_modules: Path):
-    import internlm2 as module
+    from xlab_chat.engines import internlm2 as module
 
     return module
 
@@ -148,7 +148,7 @@ PROBE = textwrap.dedent("""
     from pathlib import Path
     import torch
     sys.path.insert(0, sys.argv[1])
-    import internlm2
+    from xlab_chat.engines import internlm2
     folder, marker = Path(sys.argv[2]), Path(sys.argv[3])
     model = internlm2.load_internlm2_as_llama(folder, torch.float32, "cpu")
     tokenizer = internlm2.native_tokenizer(folder)
@@ -251,7 +251,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import transformers
     import transformers.models.llama.modeling_llama  # noqa: F401
     sys.path.insert(0, sys.argv[1])
-    import internlm2
+    from xlab_chat.engines import internlm2
     folder, mode = Path(sys.argv[2]), sys.argv[3]
     def status(key):
         line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))

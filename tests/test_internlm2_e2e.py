@@ -46,8 +46,8 @@ def internlm2_remote(internlm2_model: Path) -> str:
 
 
 def test_packing_is_the_exact_inverse_of_the_app_converter(tiny_model: Path, app_modules: Path) -> None:
-    import internlm2
     from safetensors.torch import load_file
+    from xlab_chat.engines import internlm2
 
     llama = load_file(str(tiny_model / "model.safetensors"))
     config = json.loads((tiny_model / "config.json").read_text(encoding="utf-8"))
@@ -61,7 +61,8 @@ def test_packing_is_the_exact_inverse_of_the_app_converter(tiny_model: Path, app
 TOKENIZER_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import internlm2, transformers, tinymodel
+import transformers, tinymodel
+from xlab_chat.engines import internlm2
 from transformers import AutoTokenizer
 folder = sys.argv[2]
 remote = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
@@ -115,7 +116,7 @@ def served(request: pytest.FixtureRequest, internlm2_remote: str, tmp_path_facto
 
 def test_rendered_loader_and_stack(served) -> None:
     app, _, loader, major = served
-    defaults = json.loads((app.folder / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((app.folder / "settings.json").read_text(encoding="utf-8"))
     assert (defaults["loader"], defaults["temperature"]) == (loader, 0.0)
     assert app.status()["stage"] == "ready"
     done = subprocess.run([app.process.args[0], "-c", "import transformers; print(transformers.__version__)"],

@@ -24,7 +24,7 @@ FIX = "git lfs push --all origin"
 
 @pytest.fixture()
 def rc(app_modules):
-    import repo_check
+    from xlab_chat.model import check as repo_check
 
     return repo_check
 
@@ -154,7 +154,7 @@ def test_the_check_sends_the_token_only_as_a_header(rc, host_root, capfd):
 
 
 def test_lfsconfig_url_is_where_the_objects_are_asked(app_modules, tmp_path: Path):
-    import lfs_objects
+    from xlab_chat.model import lfs_objects
 
     (tmp_path / ".lfsconfig").write_text('[lfs]\n\turl = "https://lfs.example/objects"\n'.replace('"', ""))
     assert lfs_objects.lfs_endpoint("https://hub.example/o/r.git", tmp_path / ".lfsconfig") == \

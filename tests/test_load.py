@@ -205,7 +205,7 @@ def test_simulated_oom_item_reaches_the_caller_and_the_engine_keeps_serving(app_
     import queue
 
     import torch
-    from engine import Engine, Generation
+    from xlab_chat.engines.transformers_engine import Engine, Generation
 
     engine = Engine.load(faultkit.quick_model(tmp_path / "model"), "cpu", "float32", "native", 1)
     real_generate, calls = engine.model.generate, []

@@ -33,7 +33,7 @@ def bake(cookies, **answers: object) -> Path:
     result = cookies.bake(extra_context={"validate_model_repo": False, **answers})
     assert result.exit_code == 0, result.exception
     folder = Path(result.project_path)
-    defaults = json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     for key in ("hardware", "loader"):  # extra_context typos are ignored silently: check the values landed
         if key in answers:
             assert defaults[key] == answers[key]
@@ -113,7 +113,7 @@ def test_space_front_matter(cookies, hardware: str, loader: str) -> None:
 def test_modelscope_deploy_file(cookies, hardware: str) -> None:
     folder = bake(cookies, platforms="modelscope", hardware=hardware, system_prompt='Say "hi"', temperature=0.3)
     studio = json.loads((folder / "ms_deploy.json").read_text(encoding="utf-8"))
-    defaults = json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
+    defaults = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
     assert studio["sdk_type"] == "gradio"
     assert studio["resource_configuration"] == MS_RESOURCE[hardware]
     assert studio["base_image"] == "ubuntu22.04-py311-torch2.9.1-modelscope1.35.0"
@@ -132,7 +132,7 @@ def test_modelscope_deploy_file(cookies, hardware: str) -> None:
 
 
 def test_normalised_model_repo_reaches_ms_deploy(cookies) -> None:
-    """The post-gen hook turns a hub web page into its git URL in defaults.json, the README and ms_deploy.json."""
+    """The post-gen hook turns a hub web page into its git URL in settings.json, the README and ms_deploy.json."""
     folder = bake(cookies, model_repo="https://huggingface.co/internlm/internlm2-chat-7b/tree/v1.1")
     studio = json.loads((folder / "ms_deploy.json").read_text(encoding="utf-8"))
     values = {item["name"]: item["value"] for item in studio["environment_variables"]}
@@ -153,5 +153,5 @@ def test_readme_names_the_hardware_for_each_platform(cookies, hardware: str) -> 
     assert f"`{HF_HARDWARE[hardware]}`" in readme.split("## Deploy as a Hugging Face Space", 1)[1]
     assert f"`{MS_RESOURCE[hardware]}`" in readme.split("## Deploy on ModelScope", 1)[1]
     check = readme.split("## Check the model repo", 1)[1].split("\n## ", 1)[0]
-    for needle in ("python model_repo.py check", "--hardware", "MODEL_CHECK_TIMEOUT", "`0`", "`1`", "`2`"):
+    for needle in ("python -m xlab_chat check", "--hardware", "MODEL_CHECK_TIMEOUT", "`0`", "`1`", "`2`"):
         assert needle in check

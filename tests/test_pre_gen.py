@@ -22,7 +22,7 @@ OFFLINE = {"validate_model_repo": False}  # these tests are about the answers, n
 
 
 def defaults_of(folder: Path) -> dict:
-    return json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
+    return json.loads((folder / "settings.json").read_text(encoding="utf-8"))
 
 
 def fails_with(tmp_path: Path, capfd, **answers: object) -> str:
@@ -97,7 +97,8 @@ def run_hook(tmp_path: Path, hook: str, project: Optional[Path] = None, **answer
              ) -> subprocess.CompletedProcess:
     """Render one hook as cookiecutter does, with a context we choose, and run it in a project folder."""
     context = {"app_name": "demo", "app_title": "Demo", "model_repo": "https://huggingface.co/a/b",
-               "model_revision": "main", "hardware": "auto", "loader": "native", "max_new_tokens": 1024,
+               "model_revision": "main", "hardware": "auto", "loader": "native", "platforms": "all",
+               "max_new_tokens": 1024,
                "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.005, "validate_model_repo": True,
                "_repo_dir": str(ROOT), **answers}
     env = StrictEnvironment(context={"cookiecutter": context}, keep_trailing_newline=True)
@@ -186,13 +187,13 @@ def test_a_model_repo_holding_code_is_refused_not_run(tmp_path: Path, capfd):
     ("https://www.modelscope.cn/models/Shanghai_AI_Laboratory/internlm2-chat-7b/summary",
      "https://www.modelscope.cn/Shanghai_AI_Laboratory/internlm2-chat-7b.git", "main"),
 ])
-def test_web_addresses_become_git_urls_in_defaults_json(tmp_path: Path, capfd, pasted: str, git_url: str,
+def test_web_addresses_become_git_urls_in_settings_json(tmp_path: Path, capfd, pasted: str, git_url: str,
                                                         revision: str):
     folder = render(tmp_path / "out", model_repo=pasted, **OFFLINE)
     out, _ = capfd.readouterr()
     defaults = defaults_of(folder)
     assert (defaults["model_repo"], defaults["model_revision"]) == (git_url, revision)
-    assert f"using its git URL {git_url}" in out and f"defaults.json now says model_repo={git_url}" in out
+    assert f"using its git URL {git_url}" in out and f"settings.json now says model_repo={git_url}" in out
     readme = (folder / "README.md").read_text(encoding="utf-8")
     assert f"`{git_url}`" in readme and f"`{pasted}`" not in readme
     assert not list(folder.glob("*.tmp"))
@@ -215,7 +216,7 @@ def test_git_urls_and_folders_are_kept_as_they_are(tmp_path: Path, capfd, git_ur
 
 
 def test_repo_url_module(app_modules):
-    import repo_url
+    from xlab_chat.model import repo_url
 
     parsed = repo_url.normalise("huggingface.co/internlm/internlm2-chat-7b/tree/refs%2Fpr%2F3")
     assert (parsed.hub, parsed.git_url, parsed.revision) == ("huggingface", "https://huggingface.co/internlm/"
@@ -230,8 +231,8 @@ def test_repo_url_module(app_modules):
 
 
 def test_resolve_source_uses_the_git_url_and_implied_revision(app_modules):
-    import model_repo
+    from xlab_chat.model.source import resolve_source
 
-    source = model_repo.resolve_source("https://huggingface.co/a/b/tree/v2", "main")
+    source = resolve_source("https://huggingface.co/a/b/tree/v2", "main")
     assert (source.url, source.revision) == ("https://huggingface.co/a/b", "v2")
-    assert model_repo.resolve_source("https://huggingface.co/a/b/tree/v2", "v3").revision == "v3"
+    assert resolve_source("https://huggingface.co/a/b/tree/v2", "v3").revision == "v3"

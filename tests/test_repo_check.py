@@ -1,7 +1,7 @@
 """The model repo check on real local repos (no network): one broken repo per case, built from the tiny model.
 
 Each case goes through repo_check.check_repo; the exit policy goes through the real
-post-generation hook (cookiecutter) and ``python model_repo.py check``; the token
+post-generation hook (cookiecutter) and ``python -m xlab_chat check``; the token
 cases through a loopback smart-HTTP + LFS server that requires Basic auth.
 """
 
@@ -29,7 +29,7 @@ USER = "alice"
 
 @pytest.fixture()
 def rc(app_modules):
-    import repo_check
+    from xlab_chat.model import check as repo_check
 
     return repo_check
 
@@ -230,7 +230,7 @@ def test_refused_port_is_a_warning_within_seconds(rc):
         report = rc.check_repo(f"http://127.0.0.1:{port}/model.git", "main")
     assert time.monotonic() - start < 10
     assert report.unreachable and report.ok and statuses(report)["1"] == "warn"
-    assert "python model_repo.py check" in line(report, "1")
+    assert "python -m xlab_chat check" in line(report, "1")
 
 
 def test_stalled_host_ends_within_the_time_bound(rc, monkeypatch):
@@ -268,8 +268,8 @@ def test_hook_fails_generation_on_a_broken_repo_and_says_how_to_keep_it(make_rep
     assert "validate_model_repo=no" in err and "Traceback" not in out + err
     assert not (tmp_path / "out" / "broken-app").exists()  # cookiecutter removed it
     kept = render(tmp_path / "out", model_repo=url, validate_model_repo=False)
-    assert json.loads((kept / "defaults.json").read_text())["model_repo"] == url
-    assert "python model_repo.py check" in capfd.readouterr().out
+    assert json.loads((kept / "settings.json").read_text())["model_repo"] == url
+    assert "python -m xlab_chat check" in capfd.readouterr().out
 
 
 def test_hook_passes_on_a_good_repo(make_repo, tmp_path: Path, capfd):
@@ -285,22 +285,22 @@ def test_hook_warns_and_succeeds_when_the_host_cannot_be_reached(tmp_path: Path,
         folder = render(tmp_path / "out", model_repo=f"http://127.0.0.1:{port}/m.git")
     out, _ = capfd.readouterr()
     assert folder.is_dir() and "WARNING: the model host could not be reached" in out
-    assert "python model_repo.py check" in out
+    assert "python -m xlab_chat check" in out
 
 
 def test_cli_exit_codes(make_repo, tmp_path: Path):
     good = render(tmp_path / "good", model_repo=make_repo("cli-good"), validate_model_repo=False)
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_REPO", "MODEL_PATH", "HARDWARE", "LOADER")}
-    done = subprocess.run([sys.executable, "model_repo.py", "check", "--hardware", "cpu"], cwd=good, env=env,
+    done = subprocess.run([sys.executable, "-m", "xlab_chat", "check", "--hardware", "cpu"], cwd=good, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "✓ 7 fits cpu" in done.stdout
     broken = make_repo("cli-broken", lambda f: (f / "config.json").unlink())
-    done = subprocess.run([sys.executable, "model_repo.py", "check", "--repo", broken], cwd=good, env=env,
+    done = subprocess.run([sys.executable, "-m", "xlab_chat", "check", "--repo", broken], cwd=good, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "✗ 2 config.json" in done.stdout and done.stderr.startswith("ERROR: ")
     assert "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "model_repo.py", "frobnicate"], cwd=good, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "xlab_chat", "frobnicate"], cwd=good, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.startswith("ERROR: unknown command")
 
@@ -329,7 +329,8 @@ def assert_token_absent(*texts: str, folders: tuple = ()) -> None:
 
 
 def test_private_repo_check_and_download_with_a_token(private_host, tmp_path: Path, capfd, monkeypatch, app_modules):
-    import model_repo
+    from xlab_chat.model import download as model_repo
+    from xlab_chat.model.source import resolve_source
 
     url = private_host.url("tiny.git")
     monkeypatch.setenv("MODEL_REPO_TOKEN", TOKEN)
@@ -338,7 +339,7 @@ def test_private_repo_check_and_download_with_a_token(private_host, tmp_path: Pa
     out, err = capfd.readouterr()
     assert "passed every check" in out and "✓ 1 reachable" in out, out + err
     target = tmp_path / "downloaded"
-    model_repo.ensure_model(model_repo.resolve_source(url, "main"), target, token=TOKEN, user=USER)
+    model_repo.ensure_model(resolve_source(url, "main"), target, token=TOKEN, user=USER)
     assert (target / "model.safetensors").stat().st_size > 100_000  # the real weights, not a pointer
     assert model_repo.read_pointer(target / "model.safetensors") is None
     out2, err2 = capfd.readouterr()
@@ -348,7 +349,8 @@ def test_private_repo_check_and_download_with_a_token(private_host, tmp_path: Pa
 
 
 def test_private_repo_without_a_token_fails_clearly(private_host, tmp_path: Path, capfd, monkeypatch, app_modules):
-    import model_repo
+    from xlab_chat.model import download as model_repo
+    from xlab_chat.model.source import resolve_source
 
     monkeypatch.delenv("MODEL_REPO_TOKEN", raising=False)
     url = private_host.url("tiny.git")
@@ -357,7 +359,7 @@ def test_private_repo_without_a_token_fails_clearly(private_host, tmp_path: Path
     assert folder.is_dir() and "needs a login and MODEL_REPO_TOKEN is not set" in out
     assert "set MODEL_REPO_TOKEN" in out
     with pytest.raises(model_repo.RepoError, match="needs a login") as caught:
-        model_repo.ensure_model(model_repo.resolve_source(url, "main"), tmp_path / "dl")
+        model_repo.ensure_model(resolve_source(url, "main"), tmp_path / "dl")
     assert "MODEL_REPO_TOKEN" in caught.value.fix
     assert not (tmp_path / "dl").exists()
     assert_token_absent(out, err, folders=(folder,))

@@ -173,7 +173,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
         out = tmp_path_factory.mktemp(f"requirements-{loader}")
         folder = Path(cookiecutter(str(ROOT), no_input=True, output_dir=str(out),
                                    extra_context={"loader": loader, "validate_model_repo": False}))
-        assert json.loads((folder / "defaults.json").read_text(encoding="utf-8"))["loader"] == loader
+        assert json.loads((folder / "settings.json").read_text(encoding="utf-8"))["loader"] == loader
         folders[loader] = folder
     return folders
 

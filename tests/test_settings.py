@@ -15,7 +15,7 @@ DEFAULTS = {"app_title": "T", "description": "", "model_repo": "https://example.
 
 
 def test_env_overrides_template_answers(app_modules, tmp_path):
-    from settings import load_settings
+    from xlab_chat.settings import load_settings
 
     settings = load_settings({}, DEFAULTS)
     assert (settings.max_new_tokens, settings.temperature, settings.hardware) == (512, 0.7, "cpu")
@@ -40,7 +40,7 @@ def test_env_overrides_template_answers(app_modules, tmp_path):
     ("GRADIO_SERVER_PORT", "99999", "GRADIO_SERVER_PORT=99999 is out of range"),
 ])
 def test_bad_values_raise_one_clear_line(app_modules, name, value, message):
-    from settings import SettingsError, load_settings
+    from xlab_chat.settings import SettingsError, load_settings
 
     with pytest.raises(SettingsError) as error:
         load_settings({name: value}, DEFAULTS)
@@ -64,7 +64,7 @@ def test_app_refuses_bad_setting_with_one_line_and_no_traceback(tmp_path: Path):
     ({"GRADIO_SERVER_NAME": "0.0.0.0"}, "0.0.0.0"),
 ])
 def test_binds_loopback_on_a_laptop_and_all_interfaces_on_a_platform(app_modules, env, expected):
-    from settings import load_settings
+    from xlab_chat.settings import load_settings
 
     assert load_settings(env, DEFAULTS).server_name == expected
 

@@ -1,35 +1,24 @@
-"""Start the demo: ``python app.py``.
+"""The chat demo: ``python app.py``. This is the file to make the page your own.
 
-Every setting is in settings.py and can be changed with an environment variable.
-The model starts loading before gradio is imported, so the two overlap.
+The model and every other setting live in settings.json, and each one can be
+overridden by an environment variable. The xlab_chat package runs the download,
+the model and the page; `cruft update` keeps it current, so edit here, not there.
 """
 
-from __future__ import annotations
+import xlab_chat
 
-import os
-import sys
+settings = xlab_chat.load_settings()
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# Behind a proxy gradio's own localhost check fails unless loopback bypasses it.
-os.environ["no_proxy"] = os.environ["NO_PROXY"] = ",".join(
-    filter(None, [os.environ.get("no_proxy") or os.environ.get("NO_PROXY"), "localhost,127.0.0.1"])
-)
-
-from settings import SettingsError, load_settings  # noqa: E402
-from startup import start_in_background  # noqa: E402
+TITLE = settings.app_title  # or your own text, e.g. TITLE = "我的学习助手"
+DESCRIPTION = settings.description  # Markdown shown under the title
+EXAMPLES = settings.example_prompts  # prompts offered under the chat box, e.g. ["你好", "讲个故事"]
+THEME = "soft"  # a gradio theme: "default", "soft", "glass", "monochrome", "ocean" or "citrus"
 
 
-def main() -> None:
-    try:
-        settings = load_settings()
-    except SettingsError as error:
-        print(f"ERROR: {error}", file=sys.stderr)
-        sys.exit(2)
-    status = start_in_background(settings)  # imports torch and loads the model on its own thread
-    from chat_ui import serve  # gradio's import overlaps with that
-
-    serve(settings, status)
+def extra_components(gr):
+    """Add your own components under the chat, e.g. gr.Markdown("Fine-tuned with XTuner on my notes.")."""
 
 
 if __name__ == "__main__":
-    main()
+    xlab_chat.launch(settings, title=TITLE, description=DESCRIPTION, examples=EXAMPLES, theme=THEME,
+                     extra=extra_components)

@@ -1,8 +1,8 @@
 """Every knob of the app in one place.
 
-The template's answers (``defaults.json``) are the defaults; each one can be
-overridden by one environment variable, so a platform's settings page is enough
-to retune a deployed app without a new commit.
+The template's answers (``settings.json`` beside app.py) are the defaults; each one
+can be overridden by one environment variable, so a platform's settings page is
+enough to retune a deployed app without a new commit.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Tuple
 
-HERE = Path(__file__).resolve().parent
-DEFAULTS_FILE = HERE / "defaults.json"
+APP_FOLDER = Path(__file__).resolve().parent.parent  # where app.py and settings.json are
+SETTINGS_FILE = APP_FOLDER / "settings.json"
 
 HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -63,10 +63,18 @@ class Settings:
     repo_user: str = ""
 
 
-def load_defaults(path: Path = DEFAULTS_FILE) -> dict:
-    """The template's answers, as rendered into defaults.json."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+def load_defaults(path: Path = SETTINGS_FILE) -> dict:
+    """The template's answers, as rendered into settings.json."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise SettingsError(f"{path.name} is missing — restore it from the template (or git) beside app.py") from None
+    except ValueError as error:
+        raise SettingsError(f"{path.name} is not valid JSON ({error}) — fix that line, or restore the file") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path.name} does not hold a JSON object — restore it from the template (or git)")
+    return data
 
 
 def check_number(name: str, text: object, kind: Callable) -> object:
@@ -125,7 +133,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         example_prompts=tuple(p.strip() for p in text("example_prompts").split("|") if p.strip()),
         model_repo=model_repo,
         model_revision=text("model_revision").strip() or "main",
-        model_dir=Path(env.get("MODEL_DIR") or HERE / "model").expanduser().resolve(),
+        model_dir=Path(env.get("MODEL_DIR") or APP_FOLDER / "model").expanduser().resolve(),
         model_path=Path(model_path).expanduser().resolve() if model_path else None,
         hardware=_choice(env, "hardware", defaults.get("hardware", "auto"), HARDWARE_CHOICES),
         loader=_choice(env, "loader", defaults.get("loader", "native"), LOADER_CHOICES),

@@ -1,7 +1,6 @@
 """Get the model onto this machine once, completely, and prove it before anyone loads it.
 
-Standard library only, so the template's hooks and a bare ``python model_repo.py``
-can use it before any requirement is installed.
+Standard library only, so it runs before any requirement is installed.
 
 The clone goes to a folder beside MODEL_DIR and is renamed into place only after
 every LFS file is verified; the next start verifies the local copy and never
@@ -14,16 +13,14 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
-from repo_url import LOCAL, OTHER, RepoURLError, normalise
+from .git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
+from .source import ModelSource
 
 MARKER = "xlab-model.json"
 LIST_TIMEOUT = 300
@@ -33,37 +30,6 @@ Progress = Callable[[str, int, int], None]  # (stage, bytes done, bytes total)
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     return None
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from: a git remote, or a folder used as it is."""
-
-    url: str
-    revision: str
-    local_folder: Optional[Path] = None
-
-
-def resolve_source(repo: str, revision: str) -> ModelSource:
-    """A local folder holding config.json is used in place; anything else is a git remote.
-
-    A hub's web page (Hugging Face, ModelScope, OpenXLab) becomes its git URL, and a
-    /tree/<rev> address sets the revision unless another one than "main" was asked for.
-    """
-    try:
-        parsed = normalise(repo)
-    except RepoURLError:
-        parsed = None
-    if parsed is not None and parsed.changed and parsed.hub not in (LOCAL, OTHER):
-        repo = parsed.git_url
-        if parsed.revision and revision in ("", "main"):
-            revision = parsed.revision
-    candidate = Path(repo).expanduser()
-    if "://" not in repo and candidate.exists():
-        if (candidate / "config.json").is_file():
-            return ModelSource(url="", revision=revision, local_folder=candidate.resolve())
-        return ModelSource(url=candidate.resolve().as_uri(), revision=revision)
-    return ModelSource(url=repo, revision=revision)
 
 
 def verify_checkout(folder: Path, expected_sizes: Optional[Dict[str, int]] = None) -> None:
@@ -374,14 +340,3 @@ def ensure_model(source: ModelSource, model_dir: Path, token: str = "", user: st
         if not local_copy_is_good(model_dir, source):  # another process may have finished meanwhile
             download(source, model_dir, token, user, keep_lfs_cache, progress, lock.record)
     return model_dir
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python model_repo.py check [--hardware …]``: validate the model repo without downloading weights."""
-    from repo_check import cli
-
-    return cli(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,17 +9,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import gradio as gr
 
-from chat_history import clean_text, normalise_history
-from engine import Generation, InputTooLong
-from repo_url import RepoURLError, normalise
-from settings import Settings
-from startup import ModelStatus
-from ui_text import texts
+from ..engines.transformers_engine import Generation, InputTooLong
+from ..model.repo_url import RepoURLError, normalise
+from ..settings import Settings
+from ..startup import ModelStatus
+from .history import clean_text, normalise_history
+from .texts import texts
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
+
+
+@dataclass(frozen=True)
+class PageLook:
+    """What app.py customises: the texts above and below the chat, the theme and extra components."""
+
+    title: str
+    description: str
+    examples: Tuple[str, ...] = ()
+    theme: Optional[object] = None  # a built-in theme's name ("soft") or a gr.themes object
+    extra: Optional[Callable[[object], None]] = None
+
+
+def builtin_themes() -> dict:
+    """gradio's own themes by lower-case name (soft, glass, …): the ones that need no download."""
+    found = {}
+    for name in dir(gr.themes):
+        value = getattr(gr.themes, name)
+        if isinstance(value, type) and issubclass(value, gr.themes.Base):
+            found[name.lower()] = value
+    return found
+
+
+def resolve_theme(theme: object) -> object:
+    """A built-in theme by name; gradio would look an unknown name up on the Hub, which a closed network can't."""
+    if theme is None or not isinstance(theme, str):
+        return theme
+    themes = builtin_themes()
+    if theme.strip().lower() in themes:
+        return themes[theme.strip().lower()]()
+    print(f"WARNING: THEME {theme!r} in app.py is not a built-in gradio theme — using the default; pick one of:"
+          f" {', '.join(sorted(themes))}", flush=True)
+    return None
 
 
 def accepted(factory: object, **options: object) -> dict:
@@ -109,10 +145,10 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
     return respond
 
 
-def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
+def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: object = None) -> gr.Blocks:
     t = texts(settings.ui_language)
-    with gr.Blocks(title=settings.app_title) as demo:
-        gr.Markdown(f"# {settings.app_title}\n{settings.description}\n\n**{t['model']}:** {model_link(settings)}")
+    with gr.Blocks(title=look.title, **accepted(gr.Blocks, theme=theme)) as demo:
+        gr.Markdown(f"# {look.title}\n{look.description}\n\n**{t['model']}:** {model_link(settings)}")
         status_line = gr.Markdown(status_markdown(status.snapshot(), t), elem_id="model-status")
         ready = status.engine is not None
         # gradio 5+ puts the Send/Stop buttons on the textbox, 4.x on the ChatInterface.
@@ -151,8 +187,9 @@ def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
                     api_name="chat",
                 ),
             )
-            if settings.example_prompts:  # fill the box only: ChatInterface's examples would also reset the sliders
-                gr.Examples([[prompt] for prompt in settings.example_prompts], inputs=[textbox], label=t["examples"])
+            if look.examples:  # fill the box only: ChatInterface's examples would also reset the sliders
+                gr.Examples([[prompt] for prompt in look.examples], inputs=[textbox], label=t["examples"])
+        add_extra_components(look)
 
         def refresh():
             """Poll the start; once it settles, unlock or hide the chat and stop polling."""
@@ -176,7 +213,21 @@ def build_ui(settings: Settings, status: ModelStatus) -> gr.Blocks:
     return demo
 
 
-def serve(settings: Settings, status: ModelStatus) -> None:
-    demo = build_ui(settings, status)
+def add_extra_components(look: PageLook) -> None:
+    """The student's own components from app.py; a mistake there leaves them out with a message, not a dead page."""
+    if look.extra is None:
+        return
+    try:
+        look.extra(gr)
+    except Exception as error:
+        trace = traceback.extract_tb(error.__traceback__)[-1]
+        print(f"ERROR: extra_components in app.py failed ({type(error).__name__}: {error}, line {trace.lineno})"
+              " — the page runs without them; fix that function and restart", flush=True)
+
+
+def serve(settings: Settings, status: ModelStatus, look: PageLook) -> None:
+    theme = resolve_theme(look.theme)
+    demo = build_ui(settings, status, look, theme)
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=4 * settings.concurrency_limit + 16)
-    demo.launch(server_name=settings.server_name, server_port=settings.server_port, show_error=True)
+    demo.launch(server_name=settings.server_name, server_port=settings.server_port, show_error=True,
+                **accepted(demo.launch, theme=theme))

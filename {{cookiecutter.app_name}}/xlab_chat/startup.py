@@ -11,13 +11,14 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Optional
 
-from git_tools import RepoError
-from model_repo import ModelSource, ensure_model, local_copy_is_good, resolve_source
-from repo_check import check_settings
-from settings import Settings
+from .model.check import check_settings
+from .model.download import ensure_model, local_copy_is_good
+from .model.git_tools import RepoError
+from .model.source import ModelSource, resolve_source
+from .settings import Settings
 
 if TYPE_CHECKING:
-    from engine import Engine
+    from .engines.transformers_engine import Engine
 
 
 class ModelStatus:
@@ -96,7 +97,7 @@ def prepare(settings: Settings, status: ModelStatus) -> None:
             progress=status.progress,
         )
         status.progress("loading", 0, 0)
-        from engine import Engine  # torch and transformers load here, off the main thread
+        from .engines.transformers_engine import Engine  # torch and transformers load here, off the main thread
         print(f"[engine] loading {folder}", flush=True)
         engine = Engine.load(folder, settings.hardware, settings.dtype, settings.loader, settings.concurrency_limit)
         print(f"[engine] ready on {engine.placement.label}", flush=True)

@@ -1,7 +1,7 @@
 """Check a model repo before anyone deploys it, without downloading the weights.
 
 Standard library only. The template's post-generation hook, the app's pre-flight
-check and ``python model_repo.py check [--hardware …]`` all use it.
+check and ``python -m xlab_chat check [--hardware …]`` all use it.
 
 The repo is listed with a shallow clone whose LFS files stay pointer files
 (GIT_LFS_SKIP_SMUDGE), so sizes come from the pointers; every git step runs
@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from git_tools import RepoError, git_env, read_pointer, run_git, working_files
-from lfs_objects import LFSUnanswered, check_objects
-from platform_tiers import GB, NAMES, chosen_platforms, cpu_tiers
-from repo_url import LOCAL, MODELSCOPE, RepoURLError, normalise
+from .git_tools import RepoError, git_env, read_pointer, run_git, working_files
+from .lfs_objects import LFSUnanswered, check_objects
+from .platform_tiers import GB, NAMES, chosen_platforms, cpu_tiers
+from .repo_url import LOCAL, MODELSCOPE, RepoURLError, normalise
+from .source import resolve_source
 
 MAX_TIMEOUT = 60.0  # an unreachable or stalled host ends the whole check within this bound
 DEFAULT_TIMEOUT = 45.0  # leaves room under MAX_TIMEOUT for the local steps and the cleanup
@@ -38,7 +39,7 @@ OK, WARN, FAIL, SKIP, INFO = "ok", "warn", "fail", "skip", "info"
 SYMBOLS = {OK: "✓", WARN: "⚠", FAIL: "✗", SKIP: "–", INFO: "·"}
 ASCII_SYMBOLS = {OK: "[ok]", WARN: "[warn]", FAIL: "[FAIL]", SKIP: "[-]", INFO: "[i]"}
 
-LATER = "run `python model_repo.py check` in the app folder once the host can be reached"
+LATER = "run `python -m xlab_chat check` in the app folder once the host can be reached"
 TOKEN_FIX = ("set MODEL_REPO_TOKEN to an access token (and MODEL_REPO_USER: your user name on Hugging Face or"
              " OpenXLab, oauth2 on ModelScope) in the environment, e.g. `export MODEL_REPO_TOKEN=…`, then check again;"
              " on the platform add it as a secret environment variable")
@@ -617,8 +618,6 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
     ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
     CPU tiers; "local" (the app's own pre-flight, on the machine it runs on) judges this machine.
     """
-    from model_repo import resolve_source
-
     deadline = Deadline(check_timeout() if timeout is None else min(timeout, MAX_TIMEOUT))
     report = Report(repo, revision or "main", hardware)
     if "://" not in repo and repo.strip() and Path(repo.strip()).expanduser().exists():
@@ -736,7 +735,7 @@ def is_yes(flag: object) -> bool:
 
 def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     """Every problem with the template's answers as (what, fix); an empty list means they are good."""
-    from settings import HARDWARE_CHOICES, LOADER_CHOICES, SettingsError, check_number
+    from ..settings import HARDWARE_CHOICES, LOADER_CHOICES, SettingsError, check_number
 
     problems = []
     name = str(answers.get("app_name", ""))
@@ -774,37 +773,38 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     return problems
 
 
-def _defaults(folder: Path) -> dict:
+def _defaults() -> dict:
+    from ..settings import SettingsError, load_defaults
+
     try:
-        data = json.loads((folder / "defaults.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_defaults()
+    except SettingsError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
-    """``python model_repo.py check [--repo …] [--revision …] [--hardware …] [--loader …]``; 1 on any ✗."""
-    from settings import DTYPE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES
+    """``python -m xlab_chat check [--repo …] [--revision …] [--hardware …] [--loader …]``; 1 on any ✗."""
+    from ..settings import DTYPE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES
 
     env = os.environ if env is None else env
     argv = list(argv)
     if argv and argv[0] == "check":
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"ERROR: unknown command {argv[0]!r} — use `python model_repo.py check [--hardware …]`", file=sys.stderr)
+        print(f"ERROR: unknown command {argv[0]!r} — use `python -m xlab_chat check [--hardware …]`", file=sys.stderr)
         return 2
-    defaults = _defaults(Path(__file__).resolve().parent)
+    defaults = _defaults()
 
     def pick(name: str, fallback: str) -> str:
         return (env.get(name.upper()) or str(defaults.get(name) or "") or fallback).strip()
 
     parser = argparse.ArgumentParser(
-        prog="python model_repo.py check",
+        prog="python -m xlab_chat check",
         description="Check the model repo without downloading its weights (MODEL_REPO_TOKEN and MODEL_REPO_USER"
                     " are read from the environment).",
     )
     parser.add_argument("--repo", default=env.get("MODEL_PATH") or pick("model_repo", ""),
-                        help="git URL, model page or folder (default: MODEL_PATH, MODEL_REPO or defaults.json)")
+                        help="git URL, model page or folder (default: MODEL_PATH, MODEL_REPO or settings.json)")
     parser.add_argument("--revision", default=pick("model_revision", "main"), help="branch, tag or commit")
     parser.add_argument("--hardware", default=pick("hardware", "auto").lower(), choices=HARDWARE_CHOICES)
     parser.add_argument("--loader", default=pick("loader", "native").lower(), choices=LOADER_CHOICES)

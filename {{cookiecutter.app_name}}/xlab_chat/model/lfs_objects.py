@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
-from git_tools import auth_header
+from .git_tools import auth_header
 
 LFS_JSON = "application/vnd.git-lfs+json"
 BATCH_SIZE = 100  # the spec lets servers cap a batch; 100 is what git-lfs itself sends

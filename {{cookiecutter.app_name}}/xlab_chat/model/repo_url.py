@@ -1,7 +1,7 @@
 """Turn what people paste as "the model repo" into a git URL git can clone.
 
 Standard library only: the template's hooks use it under cookiecutter's
-interpreter, and the app and ``python model_repo.py check`` use it too.
+interpreter, and the app and ``python -m xlab_chat check`` use it too.
 
 Accepted: git URLs (https, http, ssh, scp-like ``git@host:owner/repo.git``,
 git://, file://), absolute local folders, and the web pages of the three hubs,

@@ -1,0 +1,1 @@
+"""Engines that turn a chat into streamed text."""

@@ -1,0 +1,1 @@
+"""Get the model: repo addresses, the verified download and the repo check (standard library only)."""
