@@ -63,8 +63,17 @@ def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new
         write_json_atomically(deploy_path, deploy)
 
 
+def remove_empty_folders(folder: Path, names: tuple = (".github",)) -> None:
+    """A conditional file name that rendered empty leaves its folders behind (.github/workflows without CI)."""
+    for name in names:
+        for path in sorted((folder / name).glob("**/"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
 def main() -> int:
     folder = Path.cwd()
+    remove_empty_folders(folder)
     sys.dont_write_bytecode = True  # no __pycache__ in the generated app
     sys.path.insert(0, str(folder))
     from xlab_chat.model import check as repo_check

@@ -28,7 +28,7 @@ ANSWERS = json.loads(r'''{
   "top_p": {{ cookiecutter.top_p | tojson }},
   "repetition_penalty": {{ cookiecutter.repetition_penalty | tojson }},
   "validate_model_repo": {{ cookiecutter.validate_model_repo | tojson }},
-  "_repo_dir": {{ cookiecutter._repo_dir | tojson }}
+  "_repo_dir": {{ cookiecutter.get("_repo_dir", "") | tojson }}
 }''')
 # {% raw %}
 APP_FOLDER = "{{cookiecutter.app_name}}"  # the template's app folder, named literally (this block is not rendered)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml  # PyYAML comes with gradio and transformers
 from packaging.requirements import Requirement
-from test_bake import EXPECTED_FILES, HARDWARE, rendered_files
+from test_bake import EXPECTED_FILES, HARDWARE, rendered_files, template_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOICES = ["all", "openxlab", "huggingface", "modelscope", "openxlab+huggingface", "openxlab+modelscope",
@@ -16,6 +16,8 @@ CHOICES = ["all", "openxlab", "huggingface", "modelscope", "openxlab+huggingface
 PLATFORM_FILES = {"modelscope": {"ms_deploy.json"}}  # OpenXLab and Hugging Face live in README.md
 SECTIONS = {"openxlab": "## Deploy on OpenXLab", "huggingface": "## Deploy as a Hugging Face Space",
             "modelscope": "## Deploy on ModelScope"}
+SECTIONS_ZH = {"openxlab": "## 部署到 OpenXLab", "huggingface": "## 部署到 Hugging Face Space",
+               "modelscope": "## 部署到魔搭 ModelScope"}
 # Hugging Face's hardware flavors (huggingface.co/docs/hub/spaces-gpus): A10G small/large have 15/46 GB RAM,
 # A100 large has 40 GB of GPU memory, CPU upgrade has 8 vCPU and 32 GB.
 HF_HARDWARE = {"auto": "a10g-small", "a10-24gb": "a10g-large", "a100-40gb": "a100-large", "cpu": "cpu-upgrade"}
@@ -30,7 +32,7 @@ def chosen(choice: str) -> set:
 
 
 def bake(cookies, **answers: object) -> Path:
-    result = cookies.bake(extra_context={"validate_model_repo": False, **answers})
+    result = cookies.bake(extra_context={"validate_model_repo": False, "ui_language": "en", **answers})
     assert result.exit_code == 0, result.exception
     folder = Path(result.project_path)
     defaults = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
@@ -78,6 +80,9 @@ def test_each_choice_renders_exactly_its_platform_files(cookies, choice: str) ->
     readme = (folder / "README.md").read_text(encoding="utf-8")
     for platform, heading in SECTIONS.items():
         assert (heading in readme) == (platform in platforms), heading
+    readme_zh = (bake(cookies, platforms=choice, ui_language="zh") / "README.md").read_text(encoding="utf-8")
+    for platform, heading in SECTIONS_ZH.items():
+        assert (heading in readme_zh) == (platform in platforms), heading
     assert readme.startswith("---\n") == ("huggingface" in platforms)
     if "huggingface" not in platforms:
         assert readme.startswith("# InternLM2 Chat\n") and "sdk_version" not in readme
@@ -85,8 +90,7 @@ def test_each_choice_renders_exactly_its_platform_files(cookies, choice: str) ->
         assert always in readme
     for path in folder.rglob("*"):
         if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            assert "{{" not in text and "{%" not in text and "cookiecutter." not in text, path
+            assert not template_markers(path.read_text(encoding="utf-8")), path
 
 
 @pytest.mark.parametrize("loader", ["native", "remote-code"])

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from .settings import Settings, SettingsError
+from .settings import BOOT_TEST_ENV, Settings, SettingsError
 from .settings import load_settings as _read_settings
 
 if TYPE_CHECKING:
@@ -40,10 +40,11 @@ def launch(settings: Optional[Settings] = None, *, title: Optional[str] = None, 
            examples: Optional[Sequence[str]] = None, theme: Optional[str] = None,
            extra: Optional[Callable[[object], None]] = None) -> None:
     """Start the model first (download, check, load), then import gradio and serve the page meanwhile."""
-    from .startup import start_in_background
+    from .startup import ModelStatus, start_in_background
 
     settings = settings or load_settings()
-    status = start_in_background(settings)
+    boot_test = os.environ.get(BOOT_TEST_ENV) == "1"
+    status = ModelStatus() if boot_test else start_in_background(settings)
     from .page.ui import PageLook, serve  # gradio's import overlaps with the model's start
 
     look: PageLook = PageLook(
@@ -53,4 +54,4 @@ def launch(settings: Optional[Settings] = None, *, title: Optional[str] = None, 
         theme=theme,
         extra=extra,
     )
-    serve(settings, status, look)
+    serve(settings, status, look, boot_test=boot_test)

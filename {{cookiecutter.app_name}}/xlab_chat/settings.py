@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Optional, Tuple
 
 APP_FOLDER = Path(__file__).resolve().parent.parent  # where app.py and settings.json are
 SETTINGS_FILE = APP_FOLDER / "settings.json"
+BOOT_TEST_ENV = "XLAB_BOOT_TEST"  # set by `python -m xlab_chat boot-test`: serve the page once, load no model
 
 HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")

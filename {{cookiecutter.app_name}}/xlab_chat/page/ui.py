@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
+import time
 import traceback
+import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -225,9 +228,30 @@ def add_extra_components(look: PageLook) -> None:
               " — the page runs without them; fix that function and restart", flush=True)
 
 
-def serve(settings: Settings, status: ModelStatus, look: PageLook) -> None:
+def serve(settings: Settings, status: ModelStatus, look: PageLook, boot_test: bool = False) -> None:
     theme = resolve_theme(look.theme)
     demo = build_ui(settings, status, look, theme)
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=4 * settings.concurrency_limit + 16)
-    demo.launch(server_name=settings.server_name, server_port=settings.server_port, show_error=True,
-                **accepted(demo.launch, theme=theme))
+    options = dict(server_name=settings.server_name, server_port=settings.server_port, show_error=True,
+                   **accepted(demo.launch, theme=theme))
+    if not boot_test:
+        demo.launch(**options)
+        return
+    started = time.monotonic()
+    demo.launch(**{**options, "server_name": "127.0.0.1", "server_port": None, "prevent_thread_lock": True})
+    try:
+        url = f"http://127.0.0.1:{demo.server_port}"
+        with urllib.request.urlopen(url + "/config", timeout=30) as response:
+            config = json.loads(response.read())
+        with urllib.request.urlopen(url + "/", timeout=30) as response:
+            response.read()
+    except (OSError, ValueError) as error:
+        print(f"ERROR: boot test: the page did not serve ({error}) — run `python app.py` to see why", flush=True)
+        raise SystemExit(1) from None
+    finally:
+        demo.close()
+    if config.get("title") != look.title:
+        print(f"ERROR: boot test: the page's title is {config.get('title')!r}, not {look.title!r}", flush=True)
+        raise SystemExit(1)
+    print(f"boot test passed: the page served at {url} in {time.monotonic() - started:.1f} s (no model loaded)",
+          flush=True)
