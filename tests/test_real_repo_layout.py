@@ -136,10 +136,7 @@ def test_remote_code_imports_what_upstreams_files_import(repo_7b: Path) -> None:
 TOKENIZER_PROBE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-try:
-    from xlab_chat.engines import internlm2
-except ImportError:  # the app's modules before they became a package
-    import internlm2
+from xlab_chat.engines import internlm2
 import transformers
 from transformers import AutoTokenizer
 folder, texts = sys.argv[2], json.loads(sys.argv[3])
@@ -256,10 +253,8 @@ def test_both_loaders_serve_the_7b_layout_with_the_same_greedy_replies(remote_7b
 
 
 def _repo_check():
-    try:
-        from xlab_chat.model import check
-    except ImportError:  # the app's modules before they became a package
-        import repo_check as check
+    from xlab_chat.model import check
+
     return check
 
 
