@@ -1,4 +1,8 @@
-"""Download and load the model in the background, so the page is served at once.
+"""Download the model and start the engine in the background, so the page is served at once.
+
+The download runs here, in the page process: it is standard library only, its
+progress feeds the status directly, and a restarted engine then only has to load
+the verified folder. The engine process loads and generates (engines/process.py).
 
 The status object is what the page and the ``/status`` API show while a 15 GB
 model is pulled and loaded, and what they show if the start fails.
@@ -9,20 +13,19 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from .engines.process import EngineProcess, LoadSpec
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
 from .model.git_tools import RepoError
 from .model.source import ModelSource, resolve_source
 from .settings import Settings
 
-if TYPE_CHECKING:
-    from .engines.transformers_engine import Engine
-
 
 class ModelStatus:
-    """Thread-safe stage of the start: checking, waiting, downloading, verifying, loading, ready or failed."""
+    """Thread-safe stage of the start: checking, waiting, downloading, verifying, loading, ready, restarting or
+    failed. It is also what the engine process reports to."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -31,7 +34,7 @@ class ModelStatus:
         self.done = 0
         self.total = 0
         self.error = ""
-        self.engine: Optional[Engine] = None
+        self.engine: Optional[EngineProcess] = None
         self.ready = threading.Event()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -43,10 +46,24 @@ class ModelStatus:
             self.stage, self.error = "failed", message
         print(f"ERROR: {message}", flush=True)
 
-    def succeed(self, engine: Engine) -> None:
+    def succeed(self, engine: EngineProcess) -> None:
         with self.lock:
-            self.stage, self.engine = "ready", engine
+            self.stage, self.engine, self.error = "ready", engine, ""
+        print(f"[engine] ready on {engine.label}", flush=True)
         self.ready.set()
+
+    engine_ready = succeed
+
+    def engine_restarting(self, reason: str) -> None:
+        with self.lock:
+            self.stage, self.engine, self.error = "restarting", None, reason
+            self.started = time.monotonic()
+        self.ready.clear()
+
+    def engine_failed(self, message: str) -> None:
+        with self.lock:
+            self.engine = None
+        self.fail(message)
 
     @property
     def percent(self) -> int:
@@ -61,7 +78,7 @@ class ModelStatus:
                 "percent": self.percent,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "error": self.error,
-                "device": self.engine.placement.label if self.engine else "",
+                "device": self.engine.label if self.engine else "",
                 "generating": self.engine.active if self.engine else 0,
             }
 
@@ -84,7 +101,7 @@ def preflight(settings: Settings, source: ModelSource) -> None:
         raise RepoError(f"the model repo check failed ({what})", fix)
 
 
-def prepare(settings: Settings, status: ModelStatus) -> None:
+def prepare(settings: Settings, status: ModelStatus, engine: EngineProcess) -> None:
     try:
         source = model_source(settings)
         preflight(settings, source)
@@ -97,19 +114,21 @@ def prepare(settings: Settings, status: ModelStatus) -> None:
             progress=status.progress,
         )
         status.progress("loading", 0, 0)
-        from .engines.transformers_engine import Engine  # torch and transformers load here, off the main thread
         print(f"[engine] loading {folder}", flush=True)
-        engine = Engine.load(folder, settings.hardware, settings.dtype, settings.loader, settings.concurrency_limit)
-        print(f"[engine] ready on {engine.placement.label}", flush=True)
-        status.succeed(engine)
+        engine.load(LoadSpec(str(folder), settings.hardware, settings.dtype, settings.loader,
+                             settings.concurrency_limit))
     except (RepoError, ValueError, OSError) as error:
+        engine.close()
         status.fail(str(error))
     except Exception as error:  # a bug, not a user mistake: keep the trace in the log
+        engine.close()
         traceback.print_exc()
-        status.fail(f"the model could not be loaded ({type(error).__name__}: {error})")
+        status.fail(f"the model could not be prepared ({type(error).__name__}: {error})")
 
 
 def start_in_background(settings: Settings) -> ModelStatus:
+    """The engine process starts first (its torch import overlaps everything else), then the download."""
     status = ModelStatus()
-    threading.Thread(target=prepare, args=(settings, status), name="model-start", daemon=True).start()
+    engine = EngineProcess(status)
+    threading.Thread(target=prepare, args=(settings, status, engine), name="model-start", daemon=True).start()
     return status

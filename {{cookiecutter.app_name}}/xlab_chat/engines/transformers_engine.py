@@ -23,27 +23,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from transformers.generation.streamers import BaseStreamer
 
 from .internlm2 import check_supported, is_internlm2, load_internlm2_as_llama, native_tokenizer, reset_dynamic_rope
+from .protocol import InputTooLong, Message
 
 IM_END = "<|im_end|>"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GPU_HARDWARE = ("a10-24gb", "a100-40gb")
 
-Message = Dict[str, str]
 
 
 def internlm2_prompt(messages: List[Message], bos: str) -> str:
     """InternLM2's chat format, for repos that ship no chat template."""
     turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return f"{bos}{turns}<|im_start|>assistant\n"
-
-
-class InputTooLong(ValueError):
-    """The user's message alone does not fit the model's context."""
-
-    def __init__(self, tokens: int, limit: int) -> None:
-        super().__init__(f"The message is too long: {tokens} tokens, and this model reads at most {limit}.")
-        self.tokens = tokens
-        self.limit = limit
 
 
 @dataclass(frozen=True)

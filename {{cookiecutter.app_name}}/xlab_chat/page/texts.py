@@ -35,6 +35,9 @@ TEXT: Dict[str, Dict[str, str]] = {
         "too_long": "消息太长：共 {tokens} 个 token，而模型最多只能读取 {limit} 个。请缩短后再试。",
         "dropped": "为适应模型的上下文长度，最早的 {count} 轮对话已被省略。",
         "generation_failed": "生成失败（{error}），请重试。",
+        "restarting": "模型进程意外退出，正在重新加载",
+        "engine_stopped": "模型进程意外退出，这条回复没有写完。模型正在重新加载，稍后请重新发送。",
+        "still_restarting": "模型正在重新加载，请稍后再试。",
     },
     "en": {
         "model": "Model",
@@ -67,6 +70,10 @@ TEXT: Dict[str, Dict[str, str]] = {
         "Please shorten it.",
         "dropped": "The oldest {count} turn(s) were left out to fit the model's context.",
         "generation_failed": "Generation failed ({error}). Please try again.",
+        "restarting": "The model process stopped; reloading the model",
+        "engine_stopped": "The model process stopped before this reply was finished. The model is reloading: "
+        "please send your message again in a moment.",
+        "still_restarting": "The model is reloading. Please try again in a moment.",
     },
 }
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Tuple
 
 import gradio as gr
 
-from ..engines.transformers_engine import Generation, InputTooLong
+from ..engines import protocol
 from ..model.repo_url import RepoURLError, normalise
 from ..settings import Settings
 from ..startup import ModelStatus
@@ -105,17 +105,11 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
             return
         engine = status.engine
         if engine is None:
-            failed = status.snapshot()["stage"] == "failed"
-            yield t["not_ready_failed"] if failed else t["still_loading"].format(percent=status.percent)
+            stage = status.snapshot()["stage"]
+            waiting = t["still_restarting"] if stage == "restarting" else t["still_loading"].format(
+                percent=status.percent)
+            yield t["not_ready_failed"] if stage == "failed" else waiting
             return
-        try:
-            ids, dropped = engine.fit_prompt(clean_text(system_prompt or ""), normalise_history(history), message,
-                                             int(max_new_tokens))
-        except InputTooLong as error:
-            yield t["too_long"].format(tokens=error.tokens, limit=error.limit)
-            return
-        if dropped:
-            gr.Info(t["dropped"].format(count=dropped))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
@@ -123,8 +117,8 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
                 loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        generation = engine.start(ids, emit, int(max_new_tokens), float(temperature), float(top_p),
-                                  float(repetition_penalty), dropped)
+        request = engine.chat(clean_text(system_prompt or ""), normalise_history(history), message,
+                              int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), emit)
         reply, finished = "", False
         try:
             while not finished:
@@ -133,17 +127,25 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
                 while not inbox.empty():  # send what piled up as one update
                     items.append(inbox.get_nowait())
                 for item in items:
-                    if item is Generation.DONE:
+                    if item is protocol.FINISHED:
                         finished = True
+                    elif isinstance(item, protocol.Dropped):
+                        gr.Info(t["dropped"].format(count=item.turns))
+                    elif isinstance(item, protocol.InputTooLong):
+                        finished, reply = True, t["too_long"].format(tokens=item.tokens, limit=item.limit)
+                    elif isinstance(item, protocol.EngineStopped):
+                        finished = True
+                        reply += ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"]
                     elif isinstance(item, Exception):
                         finished = True
-                        reply += "\n\n⚠️ " + t["generation_failed"].format(error=type(item).__name__)
+                        name = item.kind if isinstance(item, protocol.GenerationFailed) else type(item).__name__
+                        reply += "\n\n⚠️ " + t["generation_failed"].format(error=name)
                     else:
                         reply += item
                 if reply != before or (finished and not reply):
                     yield reply
         finally:  # Stop, a disconnect or the end: free the slot at once
-            generation.cancel()
+            request.cancel()
 
     return respond
 
@@ -195,16 +197,15 @@ def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: obj
         add_extra_components(look)
 
         def refresh():
-            """Poll the start; once it settles, unlock or hide the chat and stop polling."""
+            """Poll the start: unlock or hide the chat; once ready, poll slowly (the engine may restart)."""
             state = status.snapshot()
             stage = state["stage"]
-            settled = stage in ("ready", "failed")
             return (
                 status_markdown(state, t),
                 gr.Column(visible=stage != "failed"),
                 gr.Textbox(interactive=stage == "ready",
                            placeholder=t["placeholder"] if stage == "ready" else t["placeholder_loading"]),
-                gr.Timer(active=not settled),
+                gr.Timer(value=3.0 if stage == "ready" else 1.0, active=stage != "failed"),
             )
 
         timer = gr.Timer(1.0)

@@ -1,0 +1,206 @@
+"""The page's handle on the engine process: start it, load the model, stream chats, survive its death.
+
+Standard library only: the page process never imports torch. The child
+(``engines/worker.py``) starts at once, so its torch import overlaps the
+download and gradio's import; it loads the model when told where it is.
+
+If the child dies (kill -9, the OOM killer, a CUDA error) the replies it was
+writing end with a clear message, and a new child loads the same verified
+folder: no network, no download. A child that dies while loading, or a second
+crash within a minute, is not restarted: the page shows the failure instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from . import protocol
+
+Emit = Callable[[object], None]
+RESTART_WINDOW = 60.0  # seconds: a second crash sooner than this is a crash loop
+APP_FOLDER = Path(__file__).resolve().parents[2]
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system's out-of-memory killer sends this one)" if -code == 9 else ""
+        return f"it was killed by {name}{hint}"
+    return f"it exited with code {code}"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    folder: str
+    hardware: str
+    dtype: str
+    loader: str
+    workers: int
+
+
+class Request:
+    """One reply being written in the child; ``cancel()`` stops it there at the next token."""
+
+    def __init__(self, owner: "EngineProcess", request_id: int, emit: Emit) -> None:
+        self.owner, self.id, self.emit = owner, request_id, emit
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.owner.send({"kind": protocol.CANCEL, "id": self.id})
+
+
+class StatusSink:
+    """What the engine tells the start-up status (startup.ModelStatus implements it)."""
+
+    def engine_ready(self, engine: "EngineProcess") -> None: ...
+    def engine_restarting(self, reason: str) -> None: ...
+    def engine_failed(self, message: str) -> None: ...
+
+
+class EngineProcess:
+    def __init__(self, status: StatusSink) -> None:
+        self.status = status
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.requests: Dict[int, Request] = {}
+        self.ids = itertools.count(1)
+        self.label = ""
+        self.context = 0
+        self.spec: Optional[LoadSpec] = None
+        self.ready = False
+        self.crashes: List[float] = []
+        self.closed = False
+        self.child = self._spawn()
+
+    # ------------------------------------------------------------ the child
+
+    def _spawn(self) -> "subprocess.Popen[bytes]":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_FOLDER), env.get("PYTHONPATH")]))
+        child = subprocess.Popen([sys.executable, "-m", "xlab_chat.engines.worker"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=env)
+        threading.Thread(target=self._read_events, args=(child,), name="engine-events", daemon=True).start()
+        return child
+
+    def load(self, spec: LoadSpec) -> None:
+        """Tell the child where the verified model is; ready or failed arrives through the status."""
+        self.spec = spec
+        self.send({"kind": protocol.LOAD, **spec.__dict__})
+
+    def send(self, message: dict) -> None:
+        with self.send_lock, contextlib.suppress(OSError, ValueError):  # a dead child: its reader reports it
+            protocol.write_message(self.child.stdin, message)
+
+    def close(self) -> None:
+        """End the child: it exits when its stdin closes."""
+        self.closed = True
+        with self.send_lock, contextlib.suppress(OSError):
+            self.child.stdin.close()
+
+    # ------------------------------------------------------------ chats
+
+    @property
+    def active(self) -> int:
+        """Replies the child is writing right now."""
+        with self.lock:
+            return len(self.requests)
+
+    def chat(self, system: str, history: List[protocol.Message], message: str, max_new_tokens: int,
+             temperature: float, top_p: float, repetition_penalty: float, emit: Emit) -> Request:
+        """Start a reply: ``emit`` gets Dropped, text pieces, then FINISHED or an exception."""
+        request = Request(self, next(self.ids), emit)
+        with self.lock:
+            self.requests[request.id] = request
+        self.send(protocol.chat_request(request.id, system, history, message, max_new_tokens, temperature, top_p,
+                                        repetition_penalty))
+        return request
+
+    def _finish(self, request_id: int, item: object) -> None:
+        with self.lock:
+            request = self.requests.pop(request_id, None)
+        if request is not None and not request.cancelled:
+            request.emit(item)
+
+    def _read_events(self, child: "subprocess.Popen[bytes]") -> None:
+        while True:
+            try:
+                event = protocol.read_message(child.stdout)
+            except ValueError:  # a torn line: the child died mid-write
+                event = None
+            if event is None:
+                break
+            kind = event["kind"]
+            if kind == protocol.READY:
+                self.label, self.context, self.ready = event["label"], int(event["context"]), True
+                self.status.engine_ready(self)
+            elif kind == protocol.LOAD_FAILED:
+                self.close()  # an idle child would only hold memory
+                self.status.engine_failed(event["error"])
+            elif kind == protocol.TEXT:
+                with self.lock:
+                    request = self.requests.get(event["id"])
+                if request is not None and not request.cancelled:
+                    request.emit(event["text"])
+            elif kind == protocol.DROPPED:
+                with self.lock:
+                    request = self.requests.get(event["id"])
+                if request is not None and not request.cancelled:
+                    request.emit(protocol.Dropped(int(event["turns"])))
+            elif kind == protocol.DONE:
+                self._finish(event["id"], protocol.FINISHED)
+            elif kind == protocol.TOO_LONG:
+                self._finish(event["id"], protocol.InputTooLong(int(event["tokens"]), int(event["limit"])))
+            elif kind == protocol.ERROR:
+                self._finish(event["id"], protocol.GenerationFailed(event["type"], event["error"]))
+        self._child_ended(child)
+
+    def _child_ended(self, child: "subprocess.Popen[bytes]") -> None:
+        try:
+            code = child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+        if self.closed:
+            return
+        why = describe_exit(code)
+        was_ready, self.ready = self.ready, False
+        with self.lock:
+            orphans, self.requests = list(self.requests.values()), {}
+        for request in orphans:
+            if not request.cancelled:
+                request.emit(protocol.EngineStopped(f"the model process stopped while writing this reply: {why}"))
+        print(f"[engine] the model process ended: {why}", flush=True)
+        now = time.monotonic()
+        recent = [t for t in self.crashes if now - t < RESTART_WINDOW]
+        self.crashes = recent + [now]
+        if not was_ready or self.spec is None:
+            self.status.engine_failed(
+                f"the model process ended while loading the model ({why}) — this is most often too little memory:"
+                " use a smaller model, a GPU (HARDWARE), or a machine with more memory; the log above has details")
+            return
+        if recent:
+            self.status.engine_failed(
+                f"the model process ended twice within {RESTART_WINDOW:.0f} s ({why}), so it is not restarted again —"
+                " check the log for the cause (often memory: lower MAX_NEW_TOKENS or CONCURRENCY_LIMIT), then"
+                " restart the app")
+            return
+        self.status.engine_restarting(why)
+        self.child = self._spawn()
+        self.load(self.spec)

@@ -1,0 +1,115 @@
+"""The engine process: ``python -m xlab_chat.engines.worker``, started by the page process.
+
+The model generates here, apart from the web server, so the two never share one
+interpreter lock: every HTTP update the server handles would otherwise pause the
+generate loop. torch is imported at once, while the page process downloads the
+model and imports gradio; the model itself loads when the page sends ``load``.
+
+Messages are JSON lines: commands on stdin, events on the real stdout (fd 1 is
+pointed at stderr, so a print from a library cannot break the stream). When the
+page process dies, however it dies, its end of the pipe closes: stdin ends and this
+process exits at once, even mid-load, so no orphan keeps holding the GPU. This
+works the same on Linux, macOS and Windows (no signals, no ``prctl``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Dict, Optional
+
+from . import protocol
+
+
+class Worker:
+    def __init__(self, events: object) -> None:
+        self.events = events
+        self.send_lock = threading.Lock()
+        self.engine: Optional[object] = None
+        self.generations: Dict[int, object] = {}
+
+    def send(self, message: dict) -> None:
+        with self.send_lock:
+            protocol.write_message(self.events, message)
+
+    def load(self, command: dict) -> None:
+        try:
+            from .transformers_engine import Engine
+
+            engine = Engine.load(Path(command["folder"]), command["hardware"], command["dtype"], command["loader"],
+                                 int(command["workers"]))
+        except Exception as error:  # what went wrong reaches the page; the trace stays in the log
+            if not isinstance(error, (ValueError, OSError)):
+                traceback.print_exc()
+            self.send({"kind": protocol.LOAD_FAILED, "error": f"{error}", "type": type(error).__name__})
+            return
+        self.engine = engine
+        self.send({"kind": protocol.READY, "label": engine.placement.label, "context": engine.context_length})
+
+    def chat(self, command: dict) -> None:
+        from .transformers_engine import Generation
+
+        request_id = command["id"]
+        engine = self.engine
+        try:
+            ids, dropped = engine.fit_prompt(command["system"], command["history"], command["message"],
+                                             int(command["max_new_tokens"]))
+        except protocol.InputTooLong as error:
+            self.send({"kind": protocol.TOO_LONG, "id": request_id, "tokens": error.tokens, "limit": error.limit})
+            return
+        if dropped:
+            self.send({"kind": protocol.DROPPED, "id": request_id, "turns": dropped})
+
+        def emit(item: object) -> None:
+            if item is Generation.DONE:
+                self.generations.pop(request_id, None)
+                self.send({"kind": protocol.DONE, "id": request_id})
+            elif isinstance(item, Exception):
+                self.generations.pop(request_id, None)
+                self.send({"kind": protocol.ERROR, "id": request_id, "type": type(item).__name__,
+                           "error": str(item)[:500]})
+            else:
+                self.send({"kind": protocol.TEXT, "id": request_id, "text": item})
+
+        self.generations[request_id] = engine.start(ids, emit, int(command["max_new_tokens"]),
+                                                    float(command["temperature"]), float(command["top_p"]),
+                                                    float(command["repetition_penalty"]), dropped)
+
+    def cancel(self, command: dict) -> None:
+        generation = self.generations.get(command["id"])
+        if generation is not None:
+            generation.cancel()
+
+    def read_commands(self, commands: object, loads: "queue.Queue[dict]") -> None:
+        """On its own thread, so the end of stdin is seen even while the model loads or generates."""
+        handlers = {protocol.CHAT: self.chat, protocol.CANCEL: self.cancel}
+        while True:
+            command = protocol.read_message(commands)
+            if command is None:  # the page process is gone: leave now
+                os._exit(0)
+            if command["kind"] == protocol.LOAD:
+                loads.put(command)
+            else:
+                handlers[command["kind"]](command)
+
+
+def main() -> None:
+    events = os.fdopen(os.dup(1), "wb")  # the protocol's own copy of stdout
+    os.dup2(2, 1)  # anything else printed goes to the log
+    sys.stdout = sys.stderr
+    worker = Worker(events)
+    loads: queue.Queue = queue.Queue()
+    threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer, loads), name="commands",
+                     daemon=True).start()
+    import torch  # noqa: F401 - start the slow import now, while the page downloads the model
+
+    worker.load(loads.get())
+    threading.Event().wait()  # serve until stdin ends (read_commands exits the process)
+
+
+if __name__ == "__main__":
+    main()
