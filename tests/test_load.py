@@ -84,11 +84,20 @@ def _disconnect_mid_stream(app: AppProcess) -> None:
     connection.close()
 
 
+def engine_child(app: AppProcess) -> psutil.Process:
+    """The app's engine process (python -m xlab_chat.engines.worker)."""
+    children = [c for c in psutil.Process(app.process.pid).children() if "xlab_chat.engines.worker" in c.cmdline()]
+    assert len(children) == 1, children
+    return children[0]
+
+
 def test_stop_or_disconnect_mid_stream_frees_the_slot_and_nothing_leaks(server: AppProcess):
     process = psutil.Process(server.process.pid)
     start_long(server).cancel()  # warm up: first-use allocations are not a leak
     wait_for(lambda: generating(server) == 0, 5, interval=0.05, what="warm-up stop")
+    child = engine_child(server)
     baseline_threads, baseline_rss = process.num_threads(), process.memory_info().rss
+    child_threads, child_rss, fds = child.num_threads(), child.memory_info().rss, process.num_fds() + child.num_fds()
     stops = []
     for round_ in range(20):
         if round_ % 2:
@@ -105,9 +114,15 @@ def test_stop_or_disconnect_mid_stream_frees_the_slot_and_nothing_leaks(server: 
     threads, rss = process.num_threads(), process.memory_info().rss
     FIGURES["threads"] = [baseline_threads, threads]
     FIGURES["rss_mb"] = [round(baseline_rss / 2**20), round(rss / 2**20)]
+    FIGURES["engine_threads"] = [child_threads, child.num_threads()]
+    FIGURES["engine_rss_mb"] = [round(child_rss / 2**20), round(child.memory_info().rss / 2**20)]
     assert max(stops) < 2.0, stops
     assert threads <= baseline_threads + 2, (baseline_threads, threads)
     assert rss <= baseline_rss + 40 * 2**20, (baseline_rss, rss)
+    assert engine_child(server).pid == child.pid  # the same child served every round: none leaked or restarted
+    assert child.num_threads() <= child_threads + 2, (child_threads, child.num_threads())
+    assert child.memory_info().rss <= child_rss + 40 * 2**20, (child_rss, child.memory_info().rss)
+    assert process.num_fds() + child.num_fds() <= fds + 4, "pipes or sockets leaked"
 
 
 def test_twenty_concurrent_chats_all_complete_two_at_a_time(server: AppProcess):
