@@ -23,6 +23,7 @@ ANSWERS = json.loads(r'''{
   "model_revision": {{ cookiecutter.model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
+  "quantize": {{ cookiecutter.quantize | tojson }},
   "platforms": {{ cookiecutter.platforms | tojson }},
   "max_new_tokens": {{ cookiecutter.max_new_tokens | tojson }},
   "temperature": {{ cookiecutter.temperature | tojson }},
@@ -101,7 +102,7 @@ def main() -> int:
         report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
                                        token=os.environ.get("MODEL_REPO_TOKEN", ""),
                                        user=os.environ.get("MODEL_REPO_USER", ""),
-                                       platforms=ANSWERS["platforms"])
+                                       platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
               f" `python -m xlab_chat check` {where} later", file=sys.stderr)

@@ -23,6 +23,7 @@ ANSWERS = json.loads(r'''{
   "model_revision": {{ cookiecutter.model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
+  "quantize": {{ cookiecutter.quantize | tojson }},
   "max_new_tokens": {{ cookiecutter.max_new_tokens | tojson }},
   "temperature": {{ cookiecutter.temperature | tojson }},
   "top_p": {{ cookiecutter.top_p | tojson }},

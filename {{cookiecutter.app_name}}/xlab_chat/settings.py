@@ -20,6 +20,7 @@ BOOT_TEST_ENV = "XLAB_BOOT_TEST"  # set by `python -m xlab_chat boot-test`: serv
 HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
+QUANTIZE_CHOICES = ("auto", "none", "int8")
 LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.
@@ -50,6 +51,7 @@ class Settings:
     hardware: str
     loader: str
     dtype: str
+    quantize: str
     system_prompt: str
     max_new_tokens: int
     temperature: float
@@ -139,6 +141,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         hardware=_choice(env, "hardware", defaults.get("hardware", "auto"), HARDWARE_CHOICES),
         loader=_choice(env, "loader", defaults.get("loader", "native"), LOADER_CHOICES),
         dtype=_choice(env, "dtype", "auto", DTYPE_CHOICES),
+        quantize=_choice(env, "quantize", defaults.get("quantize", "auto"), QUANTIZE_CHOICES),
         system_prompt=text("system_prompt"),
         max_new_tokens=_number(env, "MAX_NEW_TOKENS", defaults.get("max_new_tokens", 1024), int),
         temperature=_number(env, "TEMPERATURE", defaults.get("temperature", 0.8), float),

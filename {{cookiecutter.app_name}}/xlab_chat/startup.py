@@ -116,7 +116,7 @@ def prepare(settings: Settings, status: ModelStatus, engine: EngineProcess) -> N
         status.progress("loading", 0, 0)
         print(f"[engine] loading {folder}", flush=True)
         engine.load(LoadSpec(str(folder), settings.hardware, settings.dtype, settings.loader,
-                             settings.concurrency_limit))
+                             settings.concurrency_limit, settings.quantize))
     except (RepoError, ValueError, OSError) as error:
         engine.close()
         status.fail(str(error))

@@ -231,8 +231,12 @@ def _rebuild_rope(model: torch.nn.Module, device: str) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
-def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu"):
-    """Build an empty (meta) Llama and fill it shard by shard, so RAM holds about one copy of the weights."""
+def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu", quantize_int8: bool = False):
+    """Build an empty (meta) Llama and fill it shard by shard, so RAM holds about one copy of the weights.
+
+    With quantize_int8 each shard's Linear weights become int8 as soon as they are in, so the peak is the int8
+    weights so far plus one shard: never a whole float copy.
+    """
     from transformers import GenerationConfig, LlamaForCausalLM
 
     folder = Path(folder)
@@ -247,6 +251,10 @@ def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu
         part = {name: tensor.to(device) for name, tensor in part.items()}
         model.load_state_dict(part, strict=False, assign=True)
         del part
+        if quantize_int8:
+            from .int8 import KEEP_FLOAT, quantize_loaded_linears_
+
+            quantize_loaded_linears_(model, skip=KEEP_FLOAT)
         gc.collect()
     _rebuild_rope(model, device)
     missing = [name for name, tensor in _named_tensors(model) if tensor.is_meta]

@@ -51,6 +51,7 @@ class LoadSpec:
     dtype: str
     loader: str
     workers: int
+    quantize: str
 
 
 class Request:

@@ -41,7 +41,8 @@ def internlm2_prompt(messages: List[Message], bos: str) -> str:
 class Placement:
     device: str
     dtype: torch.dtype
-    label: str  # what the page header shows, e.g. "NVIDIA A10 · bfloat16"
+    label: str  # what the page header shows, e.g. "NVIDIA A10 · bfloat16" or "CPU · int8"
+    int8: bool = False  # Linear weights stored as int8 (the CPU's fast path), the rest in dtype
 
 
 def cpu_runs_bf16_well() -> bool:
@@ -55,8 +56,12 @@ def cpu_runs_bf16_well() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def choose_placement(hardware: str, requested_dtype: str = "auto") -> Placement:
-    """GPU when there is one (bf16 where supported, else fp16); CPU in bf16 or fp32, never fp16."""
+def choose_placement(hardware: str, requested_dtype: str = "auto", quantize: str = "none") -> Placement:
+    """GPU when there is one (bf16 where supported, else fp16); CPU in int8, bf16 or fp32, never fp16.
+
+    On the CPU, decoding reads every weight once per token, so int8 weights (half of bf16's bytes) are the
+    fastest; QUANTIZE=auto uses them there unless a DTYPE was asked for, QUANTIZE=int8 always.
+    """
     use_cuda = torch.cuda.is_available() and hardware != "cpu"
     if hardware in GPU_HARDWARE and not use_cuda:
         print(f"[engine] HARDWARE={hardware} but no CUDA GPU is visible; falling back to the CPU", flush=True)
@@ -69,6 +74,18 @@ def choose_placement(hardware: str, requested_dtype: str = "auto") -> Placement:
     else:
         dtype = torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
     name = torch.cuda.get_device_name(0) if use_cuda else "CPU"
+    wants_int8 = quantize == "int8" or (quantize == "auto" and requested_dtype == "auto")
+    if wants_int8 and use_cuda:
+        if quantize == "int8":
+            print("[engine] QUANTIZE=int8 is the CPU's fast path; on the GPU the model runs in "
+                  f"{str(dtype).replace('torch.', '')}", flush=True)
+    elif wants_int8:
+        from . import int8
+
+        if int8.supported():
+            return Placement("cpu", int8.preferred_compute_dtype(), "CPU · int8", int8=True)
+        print(f"[engine] int8 does not run with this torch {torch.__version__} on this CPU; using "
+              f"{str(dtype).replace('torch.', '')}", flush=True)
     return Placement("cuda" if use_cuda else "cpu", dtype, f"{name} · {str(dtype).replace('torch.', '')}")
 
 
@@ -79,12 +96,17 @@ def load_model(path: Path, placement: Placement, loader: str) -> Tuple[object, o
     if not remote:
         check_supported(config)
         if is_internlm2(config):
-            return load_internlm2_as_llama(path, placement.dtype, placement.device), native_tokenizer(path)
+            model = load_internlm2_as_llama(path, placement.dtype, placement.device, quantize_int8=placement.int8)
+            return model, native_tokenizer(path)
     kwargs: Dict[str, object] = {_dtype_keyword(): placement.dtype, "trust_remote_code": remote}
     if placement.device == "cuda":
         kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if placement.int8:  # after loading (one float copy at the peak); the InternLM2 path quantises per shard
+        from . import int8
+
+        int8.quantize_model_(model, skip=int8.KEEP_FLOAT)
     return model.eval(), tokenizer
 
 
@@ -182,8 +204,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, hardware: str, requested_dtype: str = "auto", loader: str = "native",
-             workers: int = 1) -> "Engine":
-        placement = choose_placement(hardware, requested_dtype)
+             workers: int = 1, quantize: str = "none") -> "Engine":
+        placement = choose_placement(hardware, requested_dtype, quantize)
         model, tokenizer = load_model(path, placement, loader)
         return cls(model, tokenizer, placement, workers)
 

@@ -463,8 +463,11 @@ def machine_memory() -> Optional[int]:
         return None
 
 
-def estimate_memory(weight_bytes: int, config: dict, runtime_bytes: int) -> Tuple[float, float, str]:
-    """(params, bytes needed at runtime, note) from stored weight bytes and the config."""
+def estimate_memory(weight_bytes: int, config: dict, runtime_bytes: float,
+                    kv_bytes: Optional[int] = None) -> Tuple[float, float, str]:
+    """(params, bytes needed at runtime, note) from stored weight bytes and the config.
+
+    runtime_bytes per weight (1 for int8), kv_bytes per cached key/value element (default: the same)."""
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", "")
     quantized = bool(config.get("quantization_config"))
     stored = DTYPE_BYTES.get(dtype)
@@ -484,7 +487,7 @@ def estimate_memory(weight_bytes: int, config: dict, runtime_bytes: int) -> Tupl
     hidden = int(config.get("hidden_size") or 0)
     head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
     context = min(int(config.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
-    kv = 2 * layers * kv_heads * head_dim * context * runtime_bytes
+    kv = 2 * layers * kv_heads * head_dim * context * (kv_bytes or runtime_bytes)
     if not kv:
         kv = 0.05 * weights
     return params, weights + kv + ACTIVATIONS, note
@@ -498,8 +501,10 @@ def _cpu_fit(need32: float, need16: float, memory: int) -> str:
 
 
 def _check_cpu_fit(title: str, need32: float, need16: float, weight_bytes: int, config: dict, head: str,
-                   platforms: str) -> List[Check]:
+                   platforms: str, need8: Optional[float] = None) -> List[Check]:
     """Judged on the CPU tiers of the platforms answered; this computer's RAM is a second, informative line."""
+    if need8 is not None:  # int8 weights: the app needs need8 whatever the CPU's bf16 support
+        need32 = need16 = need8
     _, need_gpu, _ = estimate_memory(weight_bytes, config, 2)
     card = next((name for name, (_, usable) in CARDS.items() if need_gpu <= usable), "")
     smaller = "use a smaller model (about 1.8B parameters suits a CPU)" + (f" or a GPU (hardware {card})" if card
@@ -555,7 +560,7 @@ def _check_cpu_fit(title: str, need32: float, need16: float, weight_bytes: int, 
 
 
 def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], hardware: str, dtype: str,
-               platforms: str = "local") -> List[Check]:
+               platforms: str = "local", quantize: str = "auto") -> List[Check]:
     title = f"7 fits {hardware}"
     if not weights or config is None:
         return [Check(title, SKIP, "not checked (no weights or no config.json)")]
@@ -568,7 +573,12 @@ def _check_fit(listing: Listing, weights: List[str], config: Optional[dict], har
         _, need32, _ = estimate_memory(weight_bytes, config, 4)
         _, need16, _ = estimate_memory(weight_bytes, config, 2)
         head = f"{size}needs about {need32 / GIB:.1f} GiB in float32 or {need16 / GIB:.1f} GiB in bfloat16{unsure}"
-        return _check_cpu_fit(title, need32, need16, weight_bytes, config, head, platforms)
+        need8 = None
+        if not note and (quantize == "int8" or (quantize == "auto" and dtype == "auto")):
+            _, need8, _ = estimate_memory(weight_bytes, config, 1, kv_bytes=2)
+            head = (f"{size}needs about {need8 / GIB:.1f} GiB with int8 weights (QUANTIZE={quantize}; "
+                    f"{need16 / GIB:.1f} GiB in bfloat16, {need32 / GIB:.1f} GiB in float32){unsure}")
+        return _check_cpu_fit(title, need32, need16, weight_bytes, config, head, platforms, need8)
     fits = [name for name, (_, usable) in CARDS.items() if need <= usable]
     detail = f"{size}needs about {need / GIB:.1f} GiB on the GPU{unsure}"
     if hardware not in CARDS:  # auto: the card is chosen when deploying
@@ -612,7 +622,7 @@ def _local_path(repo: str) -> Optional[Path]:
 
 def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader: str = "native",
                dtype: str = "auto", token: str = "", user: str = "", timeout: Optional[float] = None,
-               hub: Optional[str] = None, platforms: str = "local") -> Report:
+               hub: Optional[str] = None, platforms: str = "local", quantize: str = "auto") -> Report:
     """Run every check; never raises for a problem of the repo or the network.
 
     ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
@@ -657,14 +667,14 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
             check, report.unreachable, report.needs_token = _reach_failure(error, token, repo)
             report.checks.append(check)
             return _skip_rest(report)
-        _run_checks(report, listing, hub, hardware, loader, dtype, remote, deadline, platforms)
+        _run_checks(report, listing, hub, hardware, loader, dtype, remote, deadline, platforms, quantize)
     finally:
         shutil.rmtree(work_parent, ignore_errors=True)
     return report
 
 
 def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str,
-                remote: Optional[Remote], deadline: Deadline, platforms: str) -> None:
+                remote: Optional[Remote], deadline: Deadline, platforms: str, quantize: str) -> None:
     config_check, config = _check_config(listing, loader)
     tokenizer_check, tok_config = _check_tokenizer(listing, loader)
     weights_check, weights = _check_weights(listing)
@@ -674,7 +684,7 @@ def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loade
         _check_chat_template(listing, tok_config, config),
         weights_check,
         _check_lfs(listing, weights, remote, deadline),
-        *_check_fit(listing, weights, config, hardware, dtype, platforms),
+        *_check_fit(listing, weights, config, hardware, dtype, platforms, quantize),
     ]
     if hub == MODELSCOPE:
         report.checks.append(_check_modelscope(listing))
@@ -699,6 +709,7 @@ def check_settings(settings: object, timeout: Optional[float] = None) -> Report:
         token=getattr(settings, "repo_token", ""),
         user=getattr(settings, "repo_user", ""),
         timeout=timeout,
+        quantize=getattr(settings, "quantize", "auto"),
     )
 
 
@@ -735,7 +746,7 @@ def is_yes(flag: object) -> bool:
 
 def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     """Every problem with the template's answers as (what, fix); an empty list means they are good."""
-    from ..settings import HARDWARE_CHOICES, LOADER_CHOICES, SettingsError, check_number
+    from ..settings import HARDWARE_CHOICES, LOADER_CHOICES, QUANTIZE_CHOICES, SettingsError, check_number
 
     problems = []
     name = str(answers.get("app_name", ""))
@@ -749,7 +760,8 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
         except SettingsError as error:
             what, _, fix = str(error).partition(" — ")
             problems.append((key + what[len(key):], fix))
-    for key, choices in (("hardware", HARDWARE_CHOICES), ("loader", LOADER_CHOICES)):
+    for key, choices in (("hardware", HARDWARE_CHOICES), ("loader", LOADER_CHOICES),
+                         ("quantize", QUANTIZE_CHOICES)):
         value = answers.get(key)
         if value not in choices:
             problems.append((f"{key} {value!r} is not known", f"answer one of: {', '.join(choices)}"))
@@ -784,7 +796,7 @@ def _defaults() -> dict:
 
 def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     """``python -m xlab_chat check [--repo …] [--revision …] [--hardware …] [--loader …]``; 1 on any ✗."""
-    from ..settings import DTYPE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES
+    from ..settings import DTYPE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES, QUANTIZE_CHOICES
 
     env = os.environ if env is None else env
     argv = list(argv)
@@ -809,6 +821,7 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     parser.add_argument("--hardware", default=pick("hardware", "auto").lower(), choices=HARDWARE_CHOICES)
     parser.add_argument("--loader", default=pick("loader", "native").lower(), choices=LOADER_CHOICES)
     parser.add_argument("--dtype", default=(env.get("DTYPE") or "auto").lower(), choices=DTYPE_CHOICES)
+    parser.add_argument("--quantize", default=pick("quantize", "auto").lower(), choices=QUANTIZE_CHOICES)
     parser.add_argument("--platforms", default=pick("platforms", "local").lower(),
                         help="where the app will run, as answered (all, local, or names joined by +): the CPU"
                              " fit is judged on those platforms' tiers")
@@ -821,7 +834,7 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         return 2
     report = check_repo(args.repo, args.revision, args.hardware, args.loader, args.dtype,
                         token=env.get("MODEL_REPO_TOKEN", ""), user=env.get("MODEL_REPO_USER", ""),
-                        timeout=args.timeout, platforms=args.platforms)
+                        timeout=args.timeout, platforms=args.platforms, quantize=args.quantize)
     print(report.render(), flush=True)
     line = summary(report)
     if report.failed:
