@@ -24,6 +24,9 @@ ANSWERS = json.loads(r'''{
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
   "quantize": {{ cookiecutter.quantize | tojson }},
+  "engine": {{ cookiecutter.engine | tojson }},
+  "engine_url": {{ cookiecutter.engine_url | tojson }},
+  "engine_model": {{ cookiecutter.engine_model | tojson }},
   "platforms": {{ cookiecutter.platforms | tojson }},
   "max_new_tokens": {{ cookiecutter.max_new_tokens | tojson }},
   "temperature": {{ cookiecutter.temperature | tojson }},
@@ -97,12 +100,18 @@ def main() -> int:
         print(f"The model repo was not checked (validate_model_repo=no) — run `python -m xlab_chat check` {where}"
               " before deploying.")
         return 0
-    print("Checking the model repo (no weights are downloaded)…", flush=True)
     try:
-        report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
-                                       token=os.environ.get("MODEL_REPO_TOKEN", ""),
-                                       user=os.environ.get("MODEL_REPO_USER", ""),
-                                       platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"])
+        if ANSWERS["engine"] == "openai":
+            print("Checking the engine server (engine=openai: the model runs there)…", flush=True)
+            report = repo_check.check_endpoint_report(ANSWERS["engine_url"], ANSWERS["engine_model"],
+                                                      os.environ.get("ENGINE_API_KEY", ""))
+        else:
+            print("Checking the model repo (no weights are downloaded)…", flush=True)
+            report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
+                                           token=os.environ.get("MODEL_REPO_TOKEN", ""),
+                                           user=os.environ.get("MODEL_REPO_USER", ""),
+                                           platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"],
+                                           engine=ANSWERS["engine"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
               f" `python -m xlab_chat check` {where} later", file=sys.stderr)

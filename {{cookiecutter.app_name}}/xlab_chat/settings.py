@@ -21,6 +21,7 @@ HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
 QUANTIZE_CHOICES = ("auto", "none", "int8")
+ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "openai")
 LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.
@@ -31,6 +32,8 @@ RANGES = {
     "REPETITION_PENALTY": (1.0, 2.0),
     "CONCURRENCY_LIMIT": (1, 64),
     "GRADIO_SERVER_PORT": (1, 65535),
+    "ENGINE_TIMEOUT": (1.0, 3600.0),
+    "ENGINE_START_TIMEOUT": (10.0, 7200.0),
 }
 
 
@@ -61,9 +64,17 @@ class Settings:
     server_name: str
     server_port: int
     keep_lfs_cache: bool
+    engine: str = "transformers"
+    engine_url: str = ""
+    engine_model: str = ""
+    engine_args: str = ""
+    engine_command: str = ""
+    engine_timeout: float = 60.0
+    engine_start_timeout: float = 900.0
     # Kept out of repr() so a logged Settings never shows a secret.
     repo_token: str = field(default="", repr=False)
     repo_user: str = ""
+    engine_api_key: str = field(default="", repr=False)
 
 
 def load_defaults(path: Path = SETTINGS_FILE) -> dict:
@@ -127,7 +138,11 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
 
     model_path = env.get("MODEL_PATH", "").strip()
     model_repo = text("model_repo").strip()
-    if not model_repo and not model_path:
+    engine = _choice(env, "engine", defaults.get("engine", "transformers"), ENGINE_CHOICES)
+    if engine == "openai" and not (text("engine_url").strip() and text("engine_model").strip()):
+        raise SettingsError("ENGINE=openai needs ENGINE_URL and ENGINE_MODEL — set them to the server's address"
+                            " (e.g. http://10.0.0.5:23333/v1) and the model name its /v1/models lists")
+    if not model_repo and not model_path and engine != "openai":
         raise SettingsError("MODEL_REPO is empty — set MODEL_REPO to the model's git URL or MODEL_PATH to a folder")
     return Settings(
         app_title=text("app_title"),
@@ -151,6 +166,14 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         server_name=env.get("GRADIO_SERVER_NAME") or _default_server_name(env),
         server_port=_number(env, "GRADIO_SERVER_PORT", 7860, int),
         keep_lfs_cache=_flag(env, "KEEP_LFS_CACHE"),
+        engine=engine,
+        engine_url=text("engine_url").strip(),
+        engine_model=text("engine_model").strip(),
+        engine_args=env.get("ENGINE_ARGS", ""),
+        engine_command=env.get("ENGINE_COMMAND", "").strip(),
+        engine_timeout=_number(env, "ENGINE_TIMEOUT", 60.0, float),
+        engine_start_timeout=_number(env, "ENGINE_START_TIMEOUT", 900.0, float),
+        engine_api_key=env.get("ENGINE_API_KEY", ""),
         repo_token=env.get("MODEL_REPO_TOKEN", ""),
         repo_user=env.get("MODEL_REPO_USER", ""),
     )

@@ -13,14 +13,18 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from typing import Optional
+from typing import Optional, Union
 
+from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
 from .engines.process import EngineProcess, LoadSpec
+from .engines.server import NAMES, ServerEngine
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
 from .model.git_tools import RepoError
 from .model.source import ModelSource, resolve_source
 from .settings import Settings
+
+Engine = Union[EngineProcess, ServerEngine, OpenAIEngine]
 
 
 class ModelStatus:
@@ -34,7 +38,8 @@ class ModelStatus:
         self.done = 0
         self.total = 0
         self.error = ""
-        self.engine: Optional[EngineProcess] = None
+        self.engine: Optional[Engine] = None
+        self.engine_name = ""  # what starts, e.g. LMDeploy (shown while it starts)
         self.ready = threading.Event()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -46,7 +51,7 @@ class ModelStatus:
             self.stage, self.error = "failed", message
         print(f"ERROR: {message}", flush=True)
 
-    def succeed(self, engine: EngineProcess) -> None:
+    def succeed(self, engine: Engine) -> None:
         with self.lock:
             self.stage, self.engine, self.error = "ready", engine, ""
         print(f"[engine] ready on {engine.label}", flush=True)
@@ -78,6 +83,7 @@ class ModelStatus:
                 "percent": self.percent,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "error": self.error,
+                "engine": self.engine_name,
                 "device": self.engine.label if self.engine else "",
                 "generating": self.engine.active if self.engine else 0,
             }
@@ -101,7 +107,37 @@ def preflight(settings: Settings, source: ModelSource) -> None:
         raise RepoError(f"the model repo check failed ({what})", fix)
 
 
-def prepare(settings: Settings, status: ModelStatus, engine: EngineProcess) -> None:
+def connect(settings: Settings, status: ModelStatus) -> None:
+    """ENGINE=openai: no download; the server must answer, accept the key and serve the model."""
+    status.engine_name = settings.engine_url
+    status.progress("connecting", 0, 0)
+    try:
+        endpoint = Endpoint.from_url(settings.engine_url, settings.engine_model, settings.engine_api_key,
+                                     settings.engine_timeout)
+        verdict, names = check_endpoint(endpoint)
+    except EndpointError as error:
+        status.fail(str(error))
+        return
+    if verdict == "unlisted":
+        shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        status.fail(f"the server at {endpoint.base} does not list the model {settings.engine_model!r} (it lists:"
+                    f" {shown}) — set ENGINE_MODEL to one of those names")
+        return
+    host = endpoint.base.split("//", 1)[1].split("/", 1)[0]
+    status.succeed(OpenAIEngine(endpoint, f"{settings.engine_model} @ {host}"))
+
+
+def make_engine(settings: Settings, status: ModelStatus) -> Union[EngineProcess, ServerEngine]:
+    """The engine process for ENGINE=transformers (started at once: its torch import overlaps the download),
+    or a launched server for lmdeploy, vllm or an ENGINE_COMMAND."""
+    if settings.engine_command or settings.engine in ("lmdeploy", "vllm"):
+        status.engine_name = NAMES["command" if settings.engine_command else settings.engine]
+        return ServerEngine(status, settings.engine, settings.engine_args, settings.engine_command,
+                            settings.engine_start_timeout, settings.engine_timeout)
+    return EngineProcess(status)
+
+
+def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess, ServerEngine]) -> None:
     try:
         source = model_source(settings)
         preflight(settings, source)
@@ -113,7 +149,7 @@ def prepare(settings: Settings, status: ModelStatus, engine: EngineProcess) -> N
             keep_lfs_cache=settings.keep_lfs_cache,
             progress=status.progress,
         )
-        status.progress("loading", 0, 0)
+        status.progress("starting" if isinstance(engine, ServerEngine) else "loading", 0, 0)
         print(f"[engine] loading {folder}", flush=True)
         engine.load(LoadSpec(str(folder), settings.hardware, settings.dtype, settings.loader,
                              settings.concurrency_limit, settings.quantize))
@@ -127,8 +163,10 @@ def prepare(settings: Settings, status: ModelStatus, engine: EngineProcess) -> N
 
 
 def start_in_background(settings: Settings) -> ModelStatus:
-    """The engine process starts first (its torch import overlaps everything else), then the download."""
     status = ModelStatus()
-    engine = EngineProcess(status)
+    if settings.engine == "openai":
+        threading.Thread(target=connect, args=(settings, status), name="engine-connect", daemon=True).start()
+        return status
+    engine = make_engine(settings, status)
     threading.Thread(target=prepare, args=(settings, status, engine), name="model-start", daemon=True).start()
     return status

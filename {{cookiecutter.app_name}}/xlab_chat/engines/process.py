@@ -44,6 +44,24 @@ def describe_exit(code: Optional[int]) -> str:
     return f"it exited with code {code}"
 
 
+def no_restart(crashes: List[float], was_ready: bool, what: str, why: str) -> str:
+    """Why an engine that just died must not be restarted (its failure message), or "" to restart it.
+
+    Records this crash in ``crashes``. Dying while loading would only repeat; so would dying twice in a minute.
+    """
+    now = time.monotonic()
+    recent = [t for t in crashes if now - t < RESTART_WINDOW]
+    crashes[:] = recent + [now]
+    if not was_ready:
+        return (f"{what} ended while loading the model ({why}) — this is most often too little memory: use a"
+                " smaller model, a GPU (HARDWARE), or a machine with more memory; the log above has details")
+    if recent:
+        return (f"{what} ended twice within {RESTART_WINDOW:.0f} s ({why}), so it is not restarted again — check"
+                " the log for the cause (often memory: lower MAX_NEW_TOKENS or CONCURRENCY_LIMIT), then restart"
+                " the app")
+    return ""
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     folder: str
@@ -188,19 +206,9 @@ class EngineProcess:
             if not request.cancelled:
                 request.emit(protocol.EngineStopped(f"the model process stopped while writing this reply: {why}"))
         print(f"[engine] the model process ended: {why}", flush=True)
-        now = time.monotonic()
-        recent = [t for t in self.crashes if now - t < RESTART_WINDOW]
-        self.crashes = recent + [now]
-        if not was_ready or self.spec is None:
-            self.status.engine_failed(
-                f"the model process ended while loading the model ({why}) — this is most often too little memory:"
-                " use a smaller model, a GPU (HARDWARE), or a machine with more memory; the log above has details")
-            return
-        if recent:
-            self.status.engine_failed(
-                f"the model process ended twice within {RESTART_WINDOW:.0f} s ({why}), so it is not restarted again —"
-                " check the log for the cause (often memory: lower MAX_NEW_TOKENS or CONCURRENCY_LIMIT), then"
-                " restart the app")
+        refusal = no_restart(self.crashes, was_ready and self.spec is not None, "the model process", why)
+        if refusal:
+            self.status.engine_failed(refusal)
             return
         self.status.engine_restarting(why)
         self.child = self._spawn()

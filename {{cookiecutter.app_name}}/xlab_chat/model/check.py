@@ -91,6 +91,7 @@ class Report:
     notes: List[str] = field(default_factory=list)
     unreachable: bool = False  # the host could not be reached: nothing was really checked
     needs_token: bool = False
+    heading: str = ""  # replaces the first line (the engine server check has no revision or hardware)
 
     @property
     def failed(self) -> List[Check]:
@@ -106,7 +107,7 @@ class Report:
 
     def render(self, symbols: Optional[Mapping[str, str]] = None) -> str:
         symbols = symbols or output_symbols()
-        head = f"Model repo check: {self.repo} (revision {self.revision}, hardware {self.hardware})"
+        head = self.heading or f"Model repo check: {self.repo} (revision {self.revision}, hardware {self.hardware})"
         return "\n".join([head, *self.notes, *("  " + c.line(symbols) for c in self.checks)])
 
 
@@ -622,7 +623,8 @@ def _local_path(repo: str) -> Optional[Path]:
 
 def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader: str = "native",
                dtype: str = "auto", token: str = "", user: str = "", timeout: Optional[float] = None,
-               hub: Optional[str] = None, platforms: str = "local", quantize: str = "auto") -> Report:
+               hub: Optional[str] = None, platforms: str = "local", quantize: str = "auto",
+               engine: str = "transformers") -> Report:
     """Run every check; never raises for a problem of the repo or the network.
 
     ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
@@ -667,14 +669,47 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
             check, report.unreachable, report.needs_token = _reach_failure(error, token, repo)
             report.checks.append(check)
             return _skip_rest(report)
-        _run_checks(report, listing, hub, hardware, loader, dtype, remote, deadline, platforms, quantize)
+        _run_checks(report, listing, hub, hardware, loader, dtype, remote, deadline, platforms, quantize, engine)
     finally:
         shutil.rmtree(work_parent, ignore_errors=True)
     return report
 
 
+GPU_ENGINES = {"lmdeploy": "LMDeploy", "vllm": "vLLM"}
+
+
+def quantization(listing: Listing, config: Optional[dict]) -> str:
+    """What 4-bit format the repo holds, in words ("4-bit AWQ", "an LMDeploy TurboMind export"), or ""."""
+    if any(name.startswith(("triton_models/", "turbomind/")) for name in listing.sizes):
+        return "an LMDeploy TurboMind export"
+    quant = (config or {}).get("quantization_config")
+    if not isinstance(quant, dict):
+        return ""
+    method = str(quant.get("quant_method") or quant.get("quant_type") or "quantized").upper()
+    bits = quant.get("w_bit", quant.get("bits"))
+    return f"a {bits}-bit {method} model" if bits else f"a {method} model"
+
+
+def _check_engine(listing: Listing, config: Optional[dict], engine: str, hardware: str) -> Optional[Check]:
+    """The engine can run this repo on this hardware: GPU servers need a GPU, 4-bit repos need a GPU server."""
+    title = f"9 engine {engine}"
+    quantized = quantization(listing, config)
+    if engine in GPU_ENGINES and hardware == "cpu":
+        return Check(title, FAIL, f"{GPU_ENGINES[engine]} runs only on Linux x86_64 with an NVIDIA GPU (CUDA), and"
+                     " hardware is cpu", "answer hardware a10-24gb or a100-40gb, or engine=transformers for the CPU"
+                     " (int8 weights)")
+    if quantized and engine == "transformers":
+        return Check(title, FAIL, f"{quantized}: transformers does not run it here",
+                     "answer engine=lmdeploy (or vllm) on a GPU")
+    if engine in GPU_ENGINES:
+        what = f"{quantized} for {GPU_ENGINES[engine]}" if quantized else GPU_ENGINES[engine]
+        return Check(title, OK, f"{what}; needs Linux x86_64 with an NVIDIA GPU (CUDA)")
+    return None
+
+
 def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str,
-                remote: Optional[Remote], deadline: Deadline, platforms: str, quantize: str) -> None:
+                remote: Optional[Remote], deadline: Deadline, platforms: str, quantize: str,
+                engine: str = "transformers") -> None:
     config_check, config = _check_config(listing, loader)
     tokenizer_check, tok_config = _check_tokenizer(listing, loader)
     weights_check, weights = _check_weights(listing)
@@ -688,6 +723,9 @@ def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loade
     ]
     if hub == MODELSCOPE:
         report.checks.append(_check_modelscope(listing))
+    engine_check = _check_engine(listing, config, engine, hardware)
+    if engine_check is not None:
+        report.checks.append(engine_check)
 
 
 def _skip_rest(report: Report) -> Report:
@@ -710,7 +748,40 @@ def check_settings(settings: object, timeout: Optional[float] = None) -> Report:
         user=getattr(settings, "repo_user", ""),
         timeout=timeout,
         quantize=getattr(settings, "quantize", "auto"),
+        engine="command" if getattr(settings, "engine_command", "") else getattr(settings, "engine", "transformers"),
     )
+
+
+def check_endpoint_report(url: str, model: str, api_key: str = "", timeout: Optional[float] = None) -> Report:
+    """ENGINE=openai: the server answers, accepts the key and serves the model (nothing is downloaded)."""
+    from ..engines.openai_api import Endpoint, EndpointError, check_endpoint
+
+    report = Report(url, "-", "-", heading=f"Engine server check: {url} (model {model})")
+    titles = ("1 server reachable", "2 API key accepted", "3 model served")
+    try:
+        endpoint = Endpoint.from_url(url, model, api_key)
+        verdict, names = check_endpoint(endpoint, min(check_timeout() if timeout is None else timeout, 20.0))
+    except EndpointError as error:
+        if error.status in (401, 403):
+            report.checks += [Check(titles[0], OK, "answered"), Check(titles[1], FAIL, error.what, error.fix)]
+        elif error.status:
+            report.checks += [Check(titles[0], FAIL, error.what, error.fix)]
+        else:  # unreachable from here: a cluster address may be reachable only where the app runs
+            report.unreachable = True
+            report.checks += [Check(titles[0], WARN, f"not checked: {error.what}", error.fix)]
+        return report
+    report.checks += [Check(titles[0], OK, f"{endpoint.base} answered"),
+                      Check(titles[1], OK, "accepted" if api_key else "no key needed")]
+    if verdict == "unlisted":
+        shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        report.checks.append(Check(titles[2], FAIL, f"{model!r} is not among the models it lists ({shown})",
+                                   "answer engine_model (or set ENGINE_MODEL) with one of those names"))
+    elif verdict == "unknown":
+        report.checks.append(Check(titles[2], WARN, "the server lists no models, so the name was not checked",
+                                   "make sure ENGINE_MODEL is the name the server expects"))
+    else:
+        report.checks.append(Check(titles[2], OK, f"{model} is listed"))
+    return report
 
 
 def summary(report: Report) -> str:
@@ -746,7 +817,14 @@ def is_yes(flag: object) -> bool:
 
 def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     """Every problem with the template's answers as (what, fix); an empty list means they are good."""
-    from ..settings import HARDWARE_CHOICES, LOADER_CHOICES, QUANTIZE_CHOICES, SettingsError, check_number
+    from ..settings import (
+        ENGINE_CHOICES,
+        HARDWARE_CHOICES,
+        LOADER_CHOICES,
+        QUANTIZE_CHOICES,
+        SettingsError,
+        check_number,
+    )
 
     problems = []
     name = str(answers.get("app_name", ""))
@@ -761,10 +839,17 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
             what, _, fix = str(error).partition(" — ")
             problems.append((key + what[len(key):], fix))
     for key, choices in (("hardware", HARDWARE_CHOICES), ("loader", LOADER_CHOICES),
-                         ("quantize", QUANTIZE_CHOICES)):
+                         ("quantize", QUANTIZE_CHOICES), ("engine", ENGINE_CHOICES)):
         value = answers.get(key)
         if value not in choices:
             problems.append((f"{key} {value!r} is not known", f"answer one of: {', '.join(choices)}"))
+    if answers.get("engine") == "openai" and not (str(answers.get("engine_url", "")).strip()
+                                                  and str(answers.get("engine_model", "")).strip()):
+        problems.append(("engine=openai needs engine_url and engine_model",
+                         "answer the server's address (e.g. http://10.0.0.5:23333/v1) and the model name it serves"))
+    if answers.get("engine") in GPU_ENGINES and answers.get("hardware") == "cpu":
+        problems.append((f"engine={answers.get('engine')} needs an NVIDIA GPU but hardware is cpu",
+                         "answer hardware a10-24gb or a100-40gb, or engine=transformers for the CPU"))
     flag = answers.get("validate_model_repo")
     if not isinstance(flag, bool) and str(flag).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         problems.append((f"validate_model_repo {flag!r} is not yes or no", "answer yes (check the repo now) or no"))
@@ -796,7 +881,7 @@ def _defaults() -> dict:
 
 def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     """``python -m xlab_chat check [--repo …] [--revision …] [--hardware …] [--loader …]``; 1 on any ✗."""
-    from ..settings import DTYPE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES, QUANTIZE_CHOICES
+    from ..settings import DTYPE_CHOICES, ENGINE_CHOICES, HARDWARE_CHOICES, LOADER_CHOICES, QUANTIZE_CHOICES
 
     env = os.environ if env is None else env
     argv = list(argv)
@@ -822,6 +907,8 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     parser.add_argument("--loader", default=pick("loader", "native").lower(), choices=LOADER_CHOICES)
     parser.add_argument("--dtype", default=(env.get("DTYPE") or "auto").lower(), choices=DTYPE_CHOICES)
     parser.add_argument("--quantize", default=pick("quantize", "auto").lower(), choices=QUANTIZE_CHOICES)
+    parser.add_argument("--engine", default=pick("engine", "transformers").lower(), choices=ENGINE_CHOICES,
+                        help="engine=openai checks ENGINE_URL / ENGINE_MODEL (key from ENGINE_API_KEY) instead")
     parser.add_argument("--platforms", default=pick("platforms", "local").lower(),
                         help="where the app will run, as answered (all, local, or names joined by +): the CPU"
                              " fit is judged on those platforms' tiers")
@@ -829,12 +916,20 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
                         help=f"seconds for the whole check (default {TIMEOUT_ENV} or {DEFAULT_TIMEOUT:.0f}, at most"
                              f" {MAX_TIMEOUT:.0f})")
     args = parser.parse_args(argv)
+    if args.engine == "openai":
+        report = check_endpoint_report(pick("engine_url", ""), pick("engine_model", ""), env.get("ENGINE_API_KEY", ""),
+                                       args.timeout)
+        return _finish(report)
     if not args.repo:
         print("ERROR: no model repo to check — pass --repo or set MODEL_REPO", file=sys.stderr)
         return 2
     report = check_repo(args.repo, args.revision, args.hardware, args.loader, args.dtype,
                         token=env.get("MODEL_REPO_TOKEN", ""), user=env.get("MODEL_REPO_USER", ""),
-                        timeout=args.timeout, platforms=args.platforms, quantize=args.quantize)
+                        timeout=args.timeout, platforms=args.platforms, quantize=args.quantize, engine=args.engine)
+    return _finish(report)
+
+
+def _finish(report: Report) -> int:
     print(report.render(), flush=True)
     line = summary(report)
     if report.failed:

@@ -89,6 +89,8 @@ def status_markdown(state: dict, t: dict) -> str:
         what, _, fix = state["error"].partition(" — ")
         advice = f"\n\n**{t['how_to_fix']}:** {fix}" if fix else ""
         return f"### ❌ {t['failed']}\n\n{what}{advice}"
+    if stage == "starting":
+        return f"⏳ {t['starting'].format(engine=state.get('engine') or '…')}… · {elapsed}"
     if stage == "downloading":
         return (f"⏳ {t['downloading']}: {state['done_bytes'] / 1e6:,.1f} / {state['total_bytes'] / 1e6:,.1f} MB"
                 f" ({state['percent']}%) · {elapsed}")
@@ -132,7 +134,8 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
                     elif isinstance(item, protocol.Dropped):
                         gr.Info(t["dropped"].format(count=item.turns))
                     elif isinstance(item, protocol.InputTooLong):
-                        finished, reply = True, t["too_long"].format(tokens=item.tokens, limit=item.limit)
+                        finished, reply = True, (t["too_long"].format(tokens=item.tokens, limit=item.limit)
+                                                 if item.limit > 0 else t["too_long_server"])
                     elif isinstance(item, protocol.EngineStopped):
                         finished = True
                         reply += ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"]

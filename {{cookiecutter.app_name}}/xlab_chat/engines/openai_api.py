@@ -1,0 +1,308 @@
+"""Stream chat replies from any OpenAI-compatible server: LMDeploy, vLLM, SGLang, transformers serve, a hosted API.
+
+Standard library only (``http.client``), so the page process stays light and no
+client library version can break it. The whole conversation is sent each time,
+with the system prompt and the sampling settings. Stop closes the connection,
+which aborts the request in those servers. A malformed event is skipped, not
+fatal: some servers have sent raw control characters inside their JSON.
+
+The API key is a secret: it is read from ENGINE_API_KEY, sent only in the
+Authorization header, and never logged, shown or put on a command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from . import protocol
+
+Emit = Callable[[object], None]
+CONTEXT_SIGNS = ("context length", "maximum context", "context_length", "too long", "max_model_len",
+                 "exceeds the model", "prompt is too long", "input length")
+MAX_TRIMS = 8
+
+
+class EndpointError(RuntimeError):
+    """The server could not be used; the message says why and what to do."""
+
+    def __init__(self, what: str, fix: str, status: int = 0) -> None:
+        super().__init__(f"{what} — {fix}")
+        self.what, self.fix, self.status = what, fix, status
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base: str  # ends with /v1
+    model: str
+    api_key: str = field(default="", repr=False)
+    timeout: float = 60.0  # seconds to the first byte, and between bytes
+
+    @classmethod
+    def from_url(cls, url: str, model: str, api_key: str = "", timeout: float = 60.0) -> "Endpoint":
+        url = url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise EndpointError(f"ENGINE_URL {url!r} is not an http(s) address",
+                                "set ENGINE_URL to the server's address, e.g. http://10.0.0.5:23333/v1")
+        for suffix in ("/chat/completions", "/models"):
+            if url.endswith(suffix):
+                url = url[: -len(suffix)]
+        if not url.endswith("/v1"):
+            url += "/v1"
+        return cls(url, model, api_key, timeout)
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        parts = urlsplit(self.base)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        return kind(parts.hostname or "", parts.port, timeout=timeout)
+
+    def headers(self) -> Dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def path(self, tail: str) -> str:
+        prefix = urlsplit(self.base).path.rstrip("/")
+        return f"{prefix}/{tail}"
+
+
+def error_for_status(status: int, body: str, endpoint: Endpoint) -> EndpointError:
+    """The server's refusal as a message a user can act on (the key itself never appears in it)."""
+    detail = _detail(body)
+    if status in (401, 403):
+        fix = ("set ENGINE_API_KEY to a key the server accepts" if endpoint.api_key
+               else "the server needs a key: set ENGINE_API_KEY (as a secret)")
+        return EndpointError(f"the server refused the API key (HTTP {status})", fix, status)
+    if status == 429:
+        return EndpointError(f"the server is busy or over its rate limit (HTTP 429{': ' + detail if detail else ''})",
+                             "wait a moment and send the message again", status)
+    lower = detail.lower()
+    overflow = any(sign in lower for sign in CONTEXT_SIGNS)
+    if status == 404 or (status == 400 and not overflow and any(w in lower for w in ("model", "pinned"))):
+        return EndpointError(f"the server does not serve the model {endpoint.model!r} ({detail or 'HTTP 404'})",
+                             "set ENGINE_MODEL to a name the server's /v1/models lists", status)
+    if status >= 500:
+        return EndpointError(f"the server failed (HTTP {status}{': ' + detail if detail else ''})",
+                             "check the server's log; send the message again", status)
+    return EndpointError(f"the server refused the request (HTTP {status}{': ' + detail if detail else ''})",
+                         "check ENGINE_MODEL and the server's log", status)
+
+
+def _detail(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:300]
+    if isinstance(data, dict):
+        error = data.get("error", data.get("detail", data.get("message", "")))
+        if isinstance(error, dict):
+            error = error.get("message", "")
+        return str(error)[:300]
+    return str(data)[:300]
+
+
+def list_models(endpoint: Endpoint, timeout: float = 10.0) -> List[str]:
+    """The model names the server lists at /v1/models; EndpointError if it can't be asked."""
+    try:
+        connection = endpoint.connection(timeout)
+        connection.request("GET", endpoint.path("models"), headers=endpoint.headers())
+        response = connection.getresponse()
+        body = response.read(4 * 1024 * 1024).decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException) as error:
+        raise EndpointError(f"cannot reach the engine server at {endpoint.base} ({_reason(error)})",
+                            "check ENGINE_URL and that the server is running and reachable from here") from None
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+    if response.status != 200:
+        raise error_for_status(response.status, body, endpoint)
+    try:
+        data = json.loads(body).get("data") or []
+        return [str(item.get("id")) for item in data if isinstance(item, dict)]
+    except (ValueError, AttributeError):
+        raise EndpointError("the server's /v1/models answer is not the OpenAI format",
+                            "check that ENGINE_URL points at an OpenAI-compatible API (…/v1)") from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "no answer in time"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+class Request:
+    """One streamed reply; ``cancel()`` closes its connection, which aborts it on the server."""
+
+    def __init__(self, owner: "OpenAIEngine", emit: Emit) -> None:
+        self.owner, self.emit = owner, emit
+        self.cancelled = threading.Event()
+        self.connection: Optional[http.client.HTTPConnection] = None
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self.lock:
+            connection = self.connection
+        if connection is not None and connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+class OpenAIEngine:
+    """The engine interface (``label``, ``active``, ``chat``) over an OpenAI-compatible server."""
+
+    def __init__(self, endpoint: Endpoint, label: str, extra: Optional[dict] = None,
+                 on_lost: Optional[Callable[[], bool]] = None) -> None:
+        self.endpoint = endpoint
+        self.label = label
+        self.extra = dict(extra or {})  # server-specific sampling fields, e.g. repetition_penalty
+        self.on_lost = on_lost  # True when the server is known to have died (a launched one)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def chat(self, system: str, history: List[protocol.Message], message: str, max_new_tokens: int,
+             temperature: float, top_p: float, repetition_penalty: float, emit: Emit) -> Request:
+        request = Request(self, emit)
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history) + [
+            {"role": "user", "content": message}]
+        body = {"model": self.endpoint.model, "messages": messages, "stream": True, "max_tokens": max_new_tokens,
+                "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0}
+        if "repetition_penalty" in self.extra:
+            body["repetition_penalty"] = repetition_penalty
+        threading.Thread(target=self._run, args=(request, body), name="engine-stream", daemon=True).start()
+        return request
+
+    def _run(self, request: Request, body: dict) -> None:
+        with self._lock:
+            self._active += 1
+        try:
+            self._stream_with_trimming(request, body)
+        except EndpointError as error:
+            request.emit(protocol.GenerationFailed("EndpointError", str(error)) if not request.cancelled.is_set()
+                         else protocol.FINISHED)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _stream_with_trimming(self, request: Request, body: dict) -> None:
+        """Drop the oldest turns while the server says the prompt is over its context, and say so."""
+        dropped = 0
+        while True:
+            try:
+                self._stream(request, body, dropped)
+                return
+            except EndpointError as error:
+                overflow = error.status == 400 and any(s in error.what.lower() for s in CONTEXT_SIGNS)
+                messages = body["messages"]
+                first_user = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+                later_user = next((i for i, m in enumerate(messages) if i > first_user and m["role"] == "user"),
+                                  None)
+                if not overflow or later_user is None or later_user == len(messages) - 1 or dropped >= MAX_TRIMS:
+                    if overflow:  # the message alone is over the server's context; it did not say by how much
+                        request.emit(protocol.InputTooLong(0, 0))
+                        return
+                    raise
+                body = {**body, "messages": messages[:first_user] + messages[later_user:]}
+                dropped += 1
+
+    def _stream(self, request: Request, body: dict, dropped: int) -> None:
+        endpoint = self.endpoint
+        connection = endpoint.connection(endpoint.timeout)
+        with request.lock:
+            request.connection = connection
+        try:
+            if request.cancelled.is_set():
+                request.emit(protocol.FINISHED)
+                return
+            connection.request("POST", endpoint.path("chat/completions"), body=json.dumps(body).encode("utf-8"),
+                               headers=endpoint.headers())
+            response = connection.getresponse()
+            if response.status != 200:
+                raise error_for_status(response.status, response.read(65536).decode("utf-8", "replace"), endpoint)
+            if dropped:
+                request.emit(protocol.Dropped(dropped))
+            self._read_events(request, response)
+        except (OSError, http.client.HTTPException) as error:
+            if request.cancelled.is_set():
+                request.emit(protocol.FINISHED)
+                return
+            if self.on_lost is not None and self.on_lost():
+                request.emit(protocol.EngineStopped("the engine server stopped while writing this reply"))
+                return
+            if isinstance(error, (socket.timeout, TimeoutError)):
+                raise EndpointError(f"the engine server sent nothing for {endpoint.timeout:.0f} s",
+                                    "the server is overloaded or stuck: try again, or raise ENGINE_TIMEOUT") from None
+            raise EndpointError(f"lost the engine server at {endpoint.base} ({_reason(error)})",
+                                "check that the server is running; send the message again") from None
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _read_events(self, request: Request, response: http.client.HTTPResponse) -> None:
+        """Server-sent events: ``data: {chunk}`` lines, ``data: [DONE]`` or the end of the stream to finish."""
+        malformed = 0
+        for raw in iter(response.readline, b""):
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data, strict=False)  # strict=False: control characters inside strings
+                if "error" in chunk:
+                    error = chunk["error"]
+                    raise EndpointError(f"the server failed mid-reply ({_detail(json.dumps(chunk)) or error})",
+                                        "send the message again")
+                choices = chunk.get("choices") or []
+                delta = (choices[0].get("delta") or {}) if choices else {}
+                text = delta.get("content") or ""
+            except (ValueError, AttributeError, IndexError, TypeError):
+                malformed += 1
+                if malformed == 1:
+                    print("[engine] skipped a malformed event from the engine server", flush=True)
+                continue
+            if text and not request.cancelled.is_set():
+                request.emit(text)
+        request.emit(protocol.FINISHED)
+
+
+def check_endpoint(endpoint: Endpoint, timeout: float = 10.0) -> Tuple[str, List[str]]:
+    """("ok" | "unlisted" | "unknown", names): the model among /v1/models; EndpointError when unusable."""
+    names = list_models(endpoint, timeout)
+    if not names:
+        return "unknown", names
+    return ("ok" if endpoint.model in names else "unlisted"), names
+
+
+def wait_until_serving(endpoint: Endpoint, alive: Callable[[], bool], deadline: float,
+                       interval: float = 0.5) -> None:
+    """Poll /health (LMDeploy, vLLM, transformers serve) or /v1/models until the server answers."""
+    root = urlsplit(endpoint.base)
+    while time.monotonic() < deadline:
+        if not alive():
+            raise EndpointError("the engine server exited while starting", "see the log above for its error")
+        try:
+            connection = endpoint.connection(5)
+            connection.request("GET", root.path.rsplit("/v1", 1)[0] + "/health")
+            if connection.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+        time.sleep(interval)
+    raise EndpointError("the engine server did not start in time", "raise ENGINE_START_TIMEOUT, or check its log")
