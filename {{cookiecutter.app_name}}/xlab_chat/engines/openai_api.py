@@ -144,16 +144,16 @@ class Request:
     def __init__(self, owner: "OpenAIEngine", emit: Emit) -> None:
         self.owner, self.emit = owner, emit
         self.cancelled = threading.Event()
-        self.connection: Optional[http.client.HTTPConnection] = None
+        self.sock: Optional[socket.socket] = None  # kept apart: http.client drops its own reference early
         self.lock = threading.Lock()
 
     def cancel(self) -> None:
         self.cancelled.set()
         with self.lock:
-            connection = self.connection
-        if connection is not None and connection.sock is not None:
+            sock = self.sock
+        if sock is not None:
             with contextlib.suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class OpenAIEngine:
@@ -220,12 +220,13 @@ class OpenAIEngine:
     def _stream(self, request: Request, body: dict, dropped: int) -> None:
         endpoint = self.endpoint
         connection = endpoint.connection(endpoint.timeout)
-        with request.lock:
-            request.connection = connection
         try:
             if request.cancelled.is_set():
                 request.emit(protocol.FINISHED)
                 return
+            connection.connect()
+            with request.lock:
+                request.sock = connection.sock
             connection.request("POST", endpoint.path("chat/completions"), body=json.dumps(body).encode("utf-8"),
                                headers=endpoint.headers())
             response = connection.getresponse()
@@ -252,13 +253,14 @@ class OpenAIEngine:
 
     def _read_events(self, request: Request, response: http.client.HTTPResponse) -> None:
         """Server-sent events: ``data: {chunk}`` lines, ``data: [DONE]`` or the end of the stream to finish."""
-        malformed = 0
+        malformed, complete = 0, False
         for raw in iter(response.readline, b""):
             line = raw.decode("utf-8", "replace").strip()
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                complete = True
                 break
             try:
                 chunk = json.loads(data, strict=False)  # strict=False: control characters inside strings
@@ -269,6 +271,7 @@ class OpenAIEngine:
                 choices = chunk.get("choices") or []
                 delta = (choices[0].get("delta") or {}) if choices else {}
                 text = delta.get("content") or ""
+                complete = complete or bool(choices and choices[0].get("finish_reason"))
             except (ValueError, AttributeError, IndexError, TypeError):
                 malformed += 1
                 if malformed == 1:
@@ -276,6 +279,8 @@ class OpenAIEngine:
                 continue
             if text and not request.cancelled.is_set():
                 request.emit(text)
+        if not complete and not request.cancelled.is_set():  # neither [DONE] nor a finish_reason: cut off
+            raise ConnectionResetError("the reply stream ended before the reply did")
         request.emit(protocol.FINISHED)
 
 

@@ -139,6 +139,9 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
                     elif isinstance(item, protocol.EngineStopped):
                         finished = True
                         reply += ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"]
+                    elif isinstance(item, protocol.GenerationFailed) and item.kind == "EndpointError":
+                        finished = True  # the engine server's refusal says what happened and what to do
+                        reply += ("\n\n" if reply else "") + f"⚠️ {item}"
                     elif isinstance(item, Exception):
                         finished = True
                         name = item.kind if isinstance(item, protocol.GenerationFailed) else type(item).__name__
