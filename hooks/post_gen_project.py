@@ -21,6 +21,8 @@ ANSWERS = json.loads(r'''{
   "app_title": {{ cookiecutter.app_title | tojson }},
   "model_repo": {{ cookiecutter.model_repo | tojson }},
   "model_revision": {{ cookiecutter.model_revision | tojson }},
+  "base_model_repo": {{ cookiecutter.base_model_repo | tojson }},
+  "base_model_revision": {{ cookiecutter.base_model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
   "quantize": {{ cookiecutter.quantize | tojson }},
@@ -111,7 +113,8 @@ def main() -> int:
                                            token=os.environ.get("MODEL_REPO_TOKEN", ""),
                                            user=os.environ.get("MODEL_REPO_USER", ""),
                                            platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"],
-                                           engine=ANSWERS["engine"])
+                                           engine=ANSWERS["engine"], base_repo=ANSWERS["base_model_repo"],
+                                           base_revision=ANSWERS["base_model_revision"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
               f" `python -m xlab_chat check` {where} later", file=sys.stderr)

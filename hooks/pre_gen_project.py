@@ -21,6 +21,8 @@ ANSWERS = json.loads(r'''{
   "app_title": {{ cookiecutter.app_title | tojson }},
   "model_repo": {{ cookiecutter.model_repo | tojson }},
   "model_revision": {{ cookiecutter.model_revision | tojson }},
+  "base_model_repo": {{ cookiecutter.base_model_repo | tojson }},
+  "base_model_revision": {{ cookiecutter.base_model_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
   "quantize": {{ cookiecutter.quantize | tojson }},

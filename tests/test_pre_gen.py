@@ -97,7 +97,8 @@ def run_hook(tmp_path: Path, hook: str, project: Optional[Path] = None, **answer
              ) -> subprocess.CompletedProcess:
     """Render one hook as cookiecutter does, with a context we choose, and run it in a project folder."""
     context = {"app_name": "demo", "app_title": "Demo", "model_repo": "https://huggingface.co/a/b",
-               "model_revision": "main", "hardware": "auto", "loader": "native", "platforms": "all",
+               "model_revision": "main", "base_model_repo": "", "base_model_revision": "main",
+               "hardware": "auto", "loader": "native", "platforms": "all",
                "quantize": "auto", "engine": "transformers", "engine_url": "", "engine_model": "",
                "max_new_tokens": 1024,
                "temperature": 0.8, "top_p": 0.8, "repetition_penalty": 1.005, "validate_model_repo": True,

@@ -64,6 +64,9 @@ class Settings:
     server_name: str
     server_port: int
     keep_lfs_cache: bool
+    base_model_repo: str = ""  # used when model_repo holds a LoRA adapter
+    base_model_revision: str = "main"
+    base_model_dir: Optional[Path] = None
     engine: str = "transformers"
     engine_url: str = ""
     engine_model: str = ""
@@ -166,6 +169,9 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         server_name=env.get("GRADIO_SERVER_NAME") or _default_server_name(env),
         server_port=_number(env, "GRADIO_SERVER_PORT", 7860, int),
         keep_lfs_cache=_flag(env, "KEEP_LFS_CACHE"),
+        base_model_repo=text("base_model_repo").strip(),
+        base_model_revision=text("base_model_revision").strip() or "main",
+        base_model_dir=Path(env.get("BASE_MODEL_DIR") or APP_FOLDER / "base-model").expanduser().resolve(),
         engine=engine,
         engine_url=text("engine_url").strip(),
         engine_model=text("engine_model").strip(),

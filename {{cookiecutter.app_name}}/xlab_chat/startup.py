@@ -13,11 +13,14 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Optional, Union
 
 from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
 from .engines.process import EngineProcess, LoadSpec
 from .engines.server import NAMES, ServerEngine
+from .model.adapter import CONFIG_NAME as ADAPTER_CONFIG
+from .model.adapter import OFFICIAL_BASES
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
 from .model.git_tools import RepoError
@@ -137,6 +140,17 @@ def make_engine(settings: Settings, status: ModelStatus) -> Union[EngineProcess,
     return EngineProcess(status)
 
 
+def ensure_base(settings: Settings, status: ModelStatus) -> Path:
+    """The adapter's base model, verified and kept in a folder of its own (BASE_MODEL_DIR), so that several
+    adapter apps on one machine can share one copy."""
+    if not settings.base_model_repo:
+        raise RepoError("the model repo holds a LoRA adapter, and no base model was given",
+                        f"set BASE_MODEL_REPO to the model it was trained on, e.g. {OFFICIAL_BASES}")
+    return ensure_model(resolve_source(settings.base_model_repo, settings.base_model_revision),
+                        settings.base_model_dir, token=settings.repo_token, user=settings.repo_user,
+                        keep_lfs_cache=settings.keep_lfs_cache, progress=status.progress)
+
+
 def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess, ServerEngine]) -> None:
     try:
         source = model_source(settings)
@@ -149,10 +163,13 @@ def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess
             keep_lfs_cache=settings.keep_lfs_cache,
             progress=status.progress,
         )
+        adapter = ""
+        if (folder / ADAPTER_CONFIG).is_file():  # a LoRA adapter: the base model comes from its own repo
+            adapter, folder = str(folder), ensure_base(settings, status)
         status.progress("starting" if isinstance(engine, ServerEngine) else "loading", 0, 0)
-        print(f"[engine] loading {folder}", flush=True)
+        print(f"[engine] loading {folder}" + (f" with the adapter {adapter}" if adapter else ""), flush=True)
         engine.load(LoadSpec(str(folder), settings.hardware, settings.dtype, settings.loader,
-                             settings.concurrency_limit, settings.quantize))
+                             settings.concurrency_limit, settings.quantize, adapter))
     except (RepoError, ValueError, OSError) as error:
         engine.close()
         status.fail(str(error))

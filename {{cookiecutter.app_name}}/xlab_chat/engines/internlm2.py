@@ -231,11 +231,13 @@ def _rebuild_rope(model: torch.nn.Module, device: str) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
 
-def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu", quantize_int8: bool = False):
+def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu", quantize_int8: bool = False,
+                            adapter: Optional[object] = None):
     """Build an empty (meta) Llama and fill it shard by shard, so RAM holds about one copy of the weights.
 
     With quantize_int8 each shard's Linear weights become int8 as soon as they are in, so the peak is the int8
-    weights so far plus one shard: never a whole float copy.
+    weights so far plus one shard: never a whole float copy. A LoRA ``adapter`` (engines/lora.py) is merged into
+    each shard's InternLM2 tensors before they are renamed and split, so nothing is written to disk.
     """
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -246,8 +248,15 @@ def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu
     llama = llama_config(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(llama)
+    applied: Dict[str, str] = {}
     for path in _shard_files(folder):  # one shard at a time: peak RAM is the weights plus one shard
-        part = convert_state_dict(_read_shard(path, dtype), config)
+        tensors = _read_shard(path, dtype)
+        if adapter is not None:
+            from .lora import merge_into
+
+            applied.update(merge_into(tensors, adapter))
+        part = convert_state_dict(tensors, config)
+        del tensors
         part = {name: tensor.to(device) for name, tensor in part.items()}
         model.load_state_dict(part, strict=False, assign=True)
         del part
@@ -256,6 +265,10 @@ def load_internlm2_as_llama(folder: Path, dtype: torch.dtype, device: str = "cpu
 
             quantize_loaded_linears_(model, skip=KEEP_FLOAT)
         gc.collect()
+    if adapter is not None:
+        from .lora import assert_all_applied
+
+        assert_all_applied(adapter, applied)
     _rebuild_rope(model, device)
     missing = [name for name, tensor in _named_tensors(model) if tensor.is_meta]
     if missing:

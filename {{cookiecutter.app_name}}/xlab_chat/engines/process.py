@@ -70,6 +70,7 @@ class LoadSpec:
     loader: str
     workers: int
     quantize: str
+    adapter: str = ""  # a LoRA adapter folder merged into the model at load time
 
 
 class Request:

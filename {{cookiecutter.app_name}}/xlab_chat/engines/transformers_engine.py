@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -89,20 +89,32 @@ def choose_placement(hardware: str, requested_dtype: str = "auto", quantize: str
     return Placement("cuda" if use_cuda else "cpu", dtype, f"{name} · {str(dtype).replace('torch.', '')}")
 
 
-def load_model(path: Path, placement: Placement, loader: str) -> Tuple[object, object]:
-    """Model and tokenizer; InternLM2 runs natively as Llama unless remote code was chosen."""
+def load_model(path: Path, placement: Placement, loader: str, adapter_path: Optional[Path] = None
+               ) -> Tuple[object, object]:
+    """Model and tokenizer; InternLM2 runs natively as Llama unless remote code was chosen. A LoRA adapter folder
+    is merged into the weights in memory (checked against the base's shapes first, so a mismatch fails fast)."""
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     remote = loader == "remote-code"
+    adapter = None
+    if adapter_path is not None:
+        from .lora import load_adapter
+
+        adapter = load_adapter(adapter_path, config if is_internlm2(config) else None)
     if not remote:
         check_supported(config)
         if is_internlm2(config):
-            model = load_internlm2_as_llama(path, placement.dtype, placement.device, quantize_int8=placement.int8)
+            model = load_internlm2_as_llama(path, placement.dtype, placement.device, quantize_int8=placement.int8,
+                                            adapter=adapter)
             return model, native_tokenizer(path)
     kwargs: Dict[str, object] = {_dtype_keyword(): placement.dtype, "trust_remote_code": remote}
     if placement.device == "cuda":
         kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if adapter is not None:
+        from .lora import merge_into_model
+
+        merge_into_model(model, adapter)
     if placement.int8:  # after loading (one float copy at the peak); the InternLM2 path quantises per shard
         from . import int8
 
@@ -204,9 +216,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, hardware: str, requested_dtype: str = "auto", loader: str = "native",
-             workers: int = 1, quantize: str = "none") -> "Engine":
+             workers: int = 1, quantize: str = "none", adapter: Optional[Path] = None) -> "Engine":
         placement = choose_placement(hardware, requested_dtype, quantize)
-        model, tokenizer = load_model(path, placement, loader)
+        model, tokenizer = load_model(path, placement, loader, adapter)
         return cls(model, tokenizer, placement, workers)
 
     @property

@@ -41,7 +41,8 @@ class Worker:
             from .transformers_engine import Engine
 
             engine = Engine.load(Path(command["folder"]), command["hardware"], command["dtype"], command["loader"],
-                                 int(command["workers"]), command["quantize"])
+                                 int(command["workers"]), command["quantize"],
+                                 Path(command["adapter"]) if command.get("adapter") else None)
         except Exception as error:  # what went wrong reaches the page; the trace stays in the log
             if not isinstance(error, (ValueError, OSError)):
                 traceback.print_exc()

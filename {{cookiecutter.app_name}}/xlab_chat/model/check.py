@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from .adapter_check import check_adapter_repo, is_adapter
 from .git_tools import RepoError, git_env, read_pointer, run_git, working_files
 from .lfs_objects import LFSUnanswered, check_objects
 from .platform_tiers import GB, NAMES, chosen_platforms, cpu_tiers
@@ -92,6 +93,9 @@ class Report:
     unreachable: bool = False  # the host could not be reached: nothing was really checked
     needs_token: bool = False
     heading: str = ""  # replaces the first line (the engine server check has no revision or hardware)
+    config: Optional[dict] = None  # the repo's config.json, when it could be read (an adapter's base needs it)
+    base_repo: str = ""  # the base model, when the repo holds a LoRA adapter
+    base_revision: str = "main"
 
     @property
     def failed(self) -> List[Check]:
@@ -375,8 +379,8 @@ def _weight_files(listing: Listing) -> Tuple[List[str], Optional[Check]]:
     files = safetensors or bins
     if not files:
         adapter = listing.has("adapter_config.json")
-        fix = ("this is a LoRA adapter: merge it into its base model (e.g. `xtuner convert merge`) and upload"
-               " the merged model" if adapter else "push the weights (*.safetensors) with git lfs")
+        fix = ("this is a LoRA adapter without its weights: upload adapter_model.safetensors (or .bin)"
+               if adapter else "push the weights (*.safetensors) with git lfs")
         return [], Check(title, FAIL, "no weights (*.safetensors or *.bin)", fix)
     if any(_SHARD.search(n) for n in files):
         kind = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
@@ -624,7 +628,7 @@ def _local_path(repo: str) -> Optional[Path]:
 def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader: str = "native",
                dtype: str = "auto", token: str = "", user: str = "", timeout: Optional[float] = None,
                hub: Optional[str] = None, platforms: str = "local", quantize: str = "auto",
-               engine: str = "transformers") -> Report:
+               engine: str = "transformers", base_repo: str = "", base_revision: str = "main") -> Report:
     """Run every check; never raises for a problem of the repo or the network.
 
     ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
@@ -632,6 +636,7 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
     """
     deadline = Deadline(check_timeout() if timeout is None else min(timeout, MAX_TIMEOUT))
     report = Report(repo, revision or "main", hardware)
+    report.base_repo, report.base_revision = base_repo, base_revision or "main"
     if "://" not in repo and repo.strip() and Path(repo.strip()).expanduser().exists():
         repo = str(Path(repo.strip()).expanduser().resolve())  # a relative folder (MODEL_PATH=./merged)
     try:
@@ -710,7 +715,12 @@ def _check_engine(listing: Listing, config: Optional[dict], engine: str, hardwar
 def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str,
                 remote: Optional[Remote], deadline: Deadline, platforms: str, quantize: str,
                 engine: str = "transformers") -> None:
+    if is_adapter(list(listing.sizes)):
+        _run_adapter_checks(report, listing, remote, deadline, dict(
+            hardware=hardware, loader=loader, dtype=dtype, platforms=platforms, quantize=quantize, engine=engine))
+        return
     config_check, config = _check_config(listing, loader)
+    report.config = config
     tokenizer_check, tok_config = _check_tokenizer(listing, loader)
     weights_check, weights = _check_weights(listing)
     report.checks += [
@@ -726,6 +736,22 @@ def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loade
     engine_check = _check_engine(listing, config, engine, hardware)
     if engine_check is not None:
         report.checks.append(engine_check)
+
+
+def _run_adapter_checks(report: Report, listing: Listing, remote: Optional[Remote], deadline: Deadline,
+                        options: dict) -> None:
+    """A LoRA adapter repo: the adapter itself, then the base model it needs, checked as usual."""
+    def check_base(repo: str, revision: str) -> Report:
+        return check_repo(repo, revision, token=remote.token if remote else "", user=remote.user if remote else "",
+                          timeout=max(1.0, deadline.end - time.monotonic()), **options)
+
+    report.checks += check_adapter_repo(listing, remote.url if remote else str(listing.root), report.base_repo,
+                                        report.base_revision, check_base, Check,
+                                        {"ok": OK, "warn": WARN, "fail": FAIL, "info": INFO})
+    adapter_files = [name for name in listing.lfs if name.startswith("adapter_model")]
+    lfs = _check_lfs(listing, adapter_files, remote, deadline)
+    lfs.title = "6 adapter in LFS"
+    report.checks.append(lfs)
 
 
 def _skip_rest(report: Report) -> Report:
@@ -749,6 +775,8 @@ def check_settings(settings: object, timeout: Optional[float] = None) -> Report:
         timeout=timeout,
         quantize=getattr(settings, "quantize", "auto"),
         engine="command" if getattr(settings, "engine_command", "") else getattr(settings, "engine", "transformers"),
+        base_repo=getattr(settings, "base_model_repo", ""),
+        base_revision=getattr(settings, "base_model_revision", "main"),
     )
 
 
@@ -907,6 +935,9 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     parser.add_argument("--loader", default=pick("loader", "native").lower(), choices=LOADER_CHOICES)
     parser.add_argument("--dtype", default=(env.get("DTYPE") or "auto").lower(), choices=DTYPE_CHOICES)
     parser.add_argument("--quantize", default=pick("quantize", "auto").lower(), choices=QUANTIZE_CHOICES)
+    parser.add_argument("--base-repo", default=pick("base_model_repo", ""),
+                        help="the base model, when the repo holds a LoRA adapter (default: BASE_MODEL_REPO)")
+    parser.add_argument("--base-revision", default=pick("base_model_revision", "main"))
     parser.add_argument("--engine", default=pick("engine", "transformers").lower(), choices=ENGINE_CHOICES,
                         help="engine=openai checks ENGINE_URL / ENGINE_MODEL (key from ENGINE_API_KEY) instead")
     parser.add_argument("--platforms", default=pick("platforms", "local").lower(),
@@ -925,7 +956,8 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         return 2
     report = check_repo(args.repo, args.revision, args.hardware, args.loader, args.dtype,
                         token=env.get("MODEL_REPO_TOKEN", ""), user=env.get("MODEL_REPO_USER", ""),
-                        timeout=args.timeout, platforms=args.platforms, quantize=args.quantize, engine=args.engine)
+                        timeout=args.timeout, platforms=args.platforms, quantize=args.quantize, engine=args.engine,
+                        base_repo=args.base_repo, base_revision=args.base_revision)
     return _finish(report)
 
 

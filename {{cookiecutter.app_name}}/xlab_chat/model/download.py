@@ -34,8 +34,9 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 def verify_checkout(folder: Path, expected_sizes: Optional[Dict[str, int]] = None) -> None:
     """Refuse a folder that still holds LFS pointer files or files of the wrong size."""
-    if not (folder / "config.json").is_file():
-        raise RepoError(f"{folder} has no config.json", "point MODEL_REPO or MODEL_PATH at a complete model folder")
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise RepoError(f"{folder} has no config.json (nor adapter_config.json)",
+                        "point MODEL_REPO or MODEL_PATH at a complete model folder or a LoRA adapter")
     for relative in working_files(folder):
         promised = read_pointer(folder / relative)
         if promised is not None:
