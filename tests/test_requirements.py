@@ -312,7 +312,7 @@ def test_markers_leave_one_line_per_package(rendered: Dict[str, Path], python: s
     if minor(python) < 10:
         expected |= {"huggingface-hub", "pydantic"}
     if loader == "remote-code":
-        expected.add("huggingface-hub")
+        expected |= {"huggingface-hub", "einops"}  # einops: what InternLM2's modeling file imports
     assert set(chosen) == expected
     assert all(spec.operator == ">=" for spec in chosen["torch"].specifier), "torch gets lower bounds only"
     gradio = chosen["gradio"].specifier
@@ -382,3 +382,18 @@ def test_platform_gradio_and_python_resolve(rendered: Dict[str, Path], resolutio
     torch = active_requirements(requirements_text(rendered[loader]), python)["torch"]
     if torch_version:
         assert torch.specifier.contains(torch_version), f"{torch} would replace the image's torch {torch_version}"
+
+
+@pytest.mark.parametrize("engine", ["lmdeploy", "vllm", "openai"])
+def test_server_engines_install_no_torch_of_their_own_and_gpu_engines_only_on_linux(tmp_path: Path, engine: str):
+    """engine=openai's page needs gradio only; lmdeploy/vllm bring their own torch, on Linux x86_64 only."""
+    folder = Path(cookiecutter(str(ROOT), no_input=True, output_dir=str(tmp_path), extra_context={
+        "engine": engine, "engine_url": "http://10.0.0.5:23333/v1", "engine_model": "m", "hardware": "a10-24gb",
+        "validate_model_repo": False}))
+    chosen = active_requirements(requirements_text(folder), "3.11")
+    expected = {"gradio"} | ({engine} if engine != "openai" else set())
+    assert set(chosen) == expected
+    text = requirements_text(folder)
+    if engine != "openai":
+        line = next(line for line in text.splitlines() if line.startswith(engine))
+        assert 'sys_platform == "linux" and platform_machine == "x86_64"' in line
