@@ -155,7 +155,7 @@ PROBE = textwrap.dedent("""
     ids = torch.tensor([tokenizer("你好")["input_ids"]])
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     foreign = sorted(name for name, module in sys.modules.items()
-                     if "internlm2" in name.lower() and name != "internlm2"
+                     if "internlm2" in name.lower() and name != "xlab_chat.engines.internlm2"
                      or str(getattr(module, "__file__", "") or "").startswith(str(folder)))
     native = {"marker": marker.exists(), "modules": foreign}
     from transformers import AutoModelForCausalLM
