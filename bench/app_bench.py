@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List
 
+import psutil
 from common import BENCH, CHILD_ENV, OUT, PYTHON, clock, endless_model, median, write
 
 PROMPT = "Hello"
@@ -210,6 +211,7 @@ def measure(tokens: int = 128, runs: int = 5, starts: int = 3, clients: int = 4)
             server.stop()
 
         results.update(_warm_starts(app, env, weights, host, starts, work))
+        results.update(_crash_recovery(app, env, work, starts, results["warm_app_s"]))
         results["concurrency"] = _concurrency(app, env, work, tokens, clients, results.get("expected_text"))
     return results
 
@@ -300,7 +302,7 @@ def _bare_start(weights: Path) -> float:
 
 
 def _warm_starts(app: Path, env: dict, weights: Path, host: CountingHost, starts: int, work: Path) -> dict:
-    apps, bares, served, requests, phases = [], [], [], [], []
+    apps, bares, served, requests, phases, page_rss, page_torch = [], [], [], [], [], [], []
     for index in range(starts):
         time.sleep(1)
         bares.append(_bare_start(weights))
@@ -312,6 +314,9 @@ def _warm_starts(app: Path, env: dict, weights: Path, host: CountingHost, starts
             ready = wait_ready(server.url, server.process)
             reply = chat(ready["client"], 1)
             apps.append(clock() - started)
+            page = psutil.Process(server.process.pid)
+            page_rss.append(page.memory_info().rss)
+            page_torch.append("libtorch" in Path(f"/proc/{page.pid}/maps").read_text(errors="replace"))
             phases.append({"serving_s": ready["serving_s"], "ready_s": ready["ready_s"], "reply_s": apps[-1]})
             if not reply["text"]:
                 raise RuntimeError("the warm app gave an empty reply")
@@ -327,7 +332,34 @@ def _warm_starts(app: Path, env: dict, weights: Path, host: CountingHost, starts
         "warm_phases": {key: median([p[key] for p in phases]) for key in phases[0]},
         "import_gradio_s": import_gradio, "import_torch_transformers_s": import_torch,
         "restart_bytes": max(served), "restart_requests": max(requests),
+        "page_rss_mb": round(median(page_rss) / 2**20), "page_maps_torch": any(page_torch),
     }
+
+
+def _crash_recovery(app: Path, env: dict, work: Path, starts: int, warm_app_s: float) -> dict:
+    """kill -9 the engine process of a ready app: seconds until a one-token chat answers again ÷ a warm start.
+    One crash per app start (a second crash within a minute is refused as a crash loop, by design)."""
+    recoveries = []
+    for index in range(starts):
+        server = start_app(app, env, work / f"crash-{index}.log")
+        try:
+            ready = wait_ready(server.url, server.process)
+            engine = [c for c in psutil.Process(server.process.pid).children()
+                      if "xlab_chat.engines.worker" in " ".join(c.cmdline())][0]
+            time.sleep(1)
+            started = clock()
+            engine.kill()
+            while ready["client"].predict(api_name="/status")["stage"] != "restarting":
+                time.sleep(0.02)
+            while ready["client"].predict(api_name="/status")["stage"] != "ready":
+                time.sleep(0.05)
+            if not chat(ready["client"], 1)["text"]:
+                raise RuntimeError("no reply after the restart")
+            recoveries.append(clock() - started)
+        finally:
+            server.stop()
+    return {"crash_to_reply_s": median(recoveries), "crash_runs_s": [round(r, 2) for r in recoveries],
+            "crash_over_warm": median(recoveries) / warm_app_s}
 
 
 def _import_time(statement: str, runs: int = 3) -> float:

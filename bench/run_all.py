@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from common import BENCH, OUT, PYTHON, child_env, clock, machine
 
@@ -51,7 +52,7 @@ def spread(values: list, digits: int = 2) -> str:
     return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "?"
 
 
-def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
+def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] = None) -> list:
     """(figure, measured, goal, result) for the table."""
     out = []
     if "error" not in app:
@@ -77,6 +78,13 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
                     f" [page served {phases['serving_s']:.1f} s, model ready {phases['ready_s']:.1f} s] ÷ bare script "
                     f"{app['bare_s']:.1f} s; `import gradio` alone {app['import_gradio_s']:.1f} s)",
                     "≤ 1.15", verdict(app["warm_start"] <= 1.15)))
+        if "page_rss_mb" in app:
+            out.append(("page process", f"**{app['page_rss_mb']} MB** RSS, torch mapped: {app['page_maps_torch']}",
+                        "≤ 400 MB, no torch", verdict(app["page_rss_mb"] <= 400 and not app["page_maps_torch"])))
+        if "crash_over_warm" in app:
+            out.append(("crash → reply again ÷ warm start", f"**{app['crash_over_warm']:.2f}** (kill -9 of the "
+                        f"engine → first reply {app['crash_to_reply_s']:.1f} s, runs {app['crash_runs_s']}, ÷ "
+                        f"{app['warm_app_s']:.1f} s)", "≤ 1.2", verdict(app["crash_over_warm"] <= 1.2)))
         out.append(("no-op restart", f"**{app['restart_bytes']} bytes**, {app['restart_requests']} requests on each of "
                     f"{app['starts']} restarts (the first start fetched {app['first_start']['bytes'] / 1e6:.1f} MB)",
                     "0", verdict(app["restart_bytes"] == 0)))
@@ -120,6 +128,19 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict) -> list:
                     f"{loaders['greedy_tokens_agree']})", "report", "—"))
     else:
         out.append(("InternLM2 loaders", loaders["error"], "", "ERROR"))
+    if int8 and "error" not in int8:
+        tok = int8["tok_s"]
+        out.append(("CPU int8 ÷ bf16 tokens/s", f"**{int8['int8_over_bf16']:.2f}** ({tok['int8']:.1f} vs "
+                    f"{tok['bf16']:.1f} tok/s, 565M InternLM2 shape, {int8['backend']})", "≥ 2.0",
+                    verdict(int8["int8_over_bf16"] >= 2.0)))
+        out.append(("CPU int8 ÷ fp32 tokens/s", f"**{int8['int8_over_fp32']:.2f}** (fp32 {tok['fp32']:.1f} tok/s)",
+                    "≥ 5.0", verdict(int8["int8_over_fp32"] >= 5.0)))
+        out.append(("int8 bytes/s ÷ copy bandwidth", f"**{int8['bandwidth_ratio']:.2f}** ({int8['int8_achieved_gb_s']}"
+                    f" GB/s of weights ÷ {int8['copy_gb_s']} GB/s copy)", "≥ 0.7",
+                    verdict(int8["bandwidth_ratio"] >= 0.7)))
+        out.append(("int8 load peak ÷ (int8 weights + one shard)", f"**{int8['load_peak_over_int8_plus_shard']:.2f}**"
+                    f" (peaks MB: {int8['load_peak_mb']})", "≤ 1.3",
+                    verdict(int8["load_peak_over_int8_plus_shard"] <= 1.3)))
     return out
 
 
@@ -156,7 +177,8 @@ def main() -> None:
              ("app_bench.py", ["--tokens", "128", "--runs", "2" if quick else "7", "--starts", "1" if quick else "3"],
               "app"),
              ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
-             ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders")]
+             ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders"),
+             ("int8_cpu.py", ["--rounds", "1" if quick else "3"], "int8")]
     found = {}
     for script, part_args, name in parts:
         if args.table_only:
@@ -164,9 +186,10 @@ def main() -> None:
             found[name] = json.loads(path.read_text()) if path.exists() else {"error": f"no {path.name}"}
         else:
             found[name] = run_part(script, part_args, name)
-    engine, app, dm, loaders = (found[name] for name in ("engine", "app", "download_memory", "loaders"))
+    engine, app, dm, loaders, int8 = (found[name] for name in ("engine", "app", "download_memory", "loaders",
+                                                                  "int8"))
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine)]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine, int8)]
     run = {"now": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "load": load_average(), "minutes": (clock() - started) / 60}
     if args.table_only and (OUT / "run.json").exists():
