@@ -52,7 +52,8 @@ def spread(values: list, digits: int = 2) -> str:
     return f"{min(values):.{digits}f}–{max(values):.{digits}f}" if values else "?"
 
 
-def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] = None) -> list:
+def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] = None,
+         engines: Optional[dict] = None) -> list:
     """(figure, measured, goal, result) for the table."""
     out = []
     if "error" not in app:
@@ -141,6 +142,20 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] 
         out.append(("int8 load peak ÷ (int8 weights + one shard)", f"**{int8['load_peak_over_int8_plus_shard']:.2f}**"
                     f" (peaks MB: {int8['load_peak_mb']})", "≤ 1.3",
                     verdict(int8["load_peak_over_int8_plus_shard"] <= 1.3)))
+    if engines and "error" not in engines:
+        users, count = engines["users"], engines["users_count"]
+        scaled = users[f"limit_{count}_over_limit_1"]
+        out.append(("page ÷ server stream (engine=openai)", f"**{engines['stream_ratio']:.2f}** ("
+                    f"{engines['page_tok_s']:.1f} vs {engines['direct_tok_s']:.1f} tok/s from `transformers serve`"
+                    f" to the openai client; runs {spread(engines['stream_ratios'])})", "≥ 0.95",
+                    verdict(engines["stream_ratio"] >= 0.95)))
+        out.append(("first token over HTTP − the server's own", f"**{engines['first_token_delta_ms']:+.0f} ms** "
+                    f"(page {engines['page_first_ms']:.0f} ms, server {engines['direct_first_ms']:.0f} ms)",
+                    "≤ 50 ms", verdict(engines["first_token_delta_ms"] <= 50)))
+        out.append((f"{count} users: continuous batching ÷ engine=transformers limit 1",
+                    f"{users['cb_over_limit_1']:.2f} ({users['transformers_serve_cb']:.1f} vs "
+                    f"{users['engine_transformers_limit_1']:.1f} tok/s; limit {count} ÷ limit 1: {scaled:.2f})",
+                    "report", "—"))
     return out
 
 
@@ -178,7 +193,8 @@ def main() -> None:
               "app"),
              ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
              ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders"),
-             ("int8_cpu.py", ["--rounds", "1" if quick else "3"], "int8")]
+             ("int8_cpu.py", ["--rounds", "1" if quick else "3"], "int8"),
+             ("engines_bench.py", ["--runs", "2" if quick else "5"], "engines")]
     found = {}
     for script, part_args, name in parts:
         if args.table_only:
@@ -186,10 +202,10 @@ def main() -> None:
             found[name] = json.loads(path.read_text()) if path.exists() else {"error": f"no {path.name}"}
         else:
             found[name] = run_part(script, part_args, name)
-    engine, app, dm, loaders, int8 = (found[name] for name in ("engine", "app", "download_memory", "loaders",
-                                                                  "int8"))
+    engine, app, dm, loaders, int8, engines = (found[name] for name in (
+        "engine", "app", "download_memory", "loaders", "int8", "engines"))
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine, int8)]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine, int8, engines)]
     run = {"now": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "load": load_average(), "minutes": (clock() - started) / 60}
     if args.table_only and (OUT / "run.json").exists():
