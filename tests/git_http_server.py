@@ -159,13 +159,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    batch_status = 0  # a test may set: answer every batch request with this HTTP status instead
+    batch_delay = 0.0  # a test may set: seconds to sit on a batch request before answering
 
     def __init__(self, root: Path, user: str, token: str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.user, self.token = root, user, token
         self.seen: List[Tuple[str, str, bool, bool]] = []  # (method, path, sent credentials, accepted)
-        self.batch_status = 0  # answer every batch request with this HTTP status instead
-        self.batch_delay = 0.0  # seconds to sit on a batch request before answering
 
 
 class GitHTTPServer:
