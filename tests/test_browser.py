@@ -39,6 +39,9 @@ def page(browser, tmp_path: Path):
     page.shots = tmp_path  # type: ignore[attr-defined]
     yield page
     context.close()
+# These pages need the tiny model's long rambling replies (Stop mid-reply, a reply that fills the context),
+# which it was trained to give in float32; int8 on a 64-wide model ends them early (tests/test_int8.py).
+RAMBLES = {"QUANTIZE": "none"}
 
 
 def shot(page, name: str) -> None:
@@ -76,7 +79,7 @@ def test_progress_streaming_and_stop_in_chinese(page, tiny_model: Path, tmp_path
     with FaultHost(bare.parent, USER, TOKEN, rate=400_000) as host:
         folder = render(tmp_path / "out", model_repo=host.url(bare.name), hardware="cpu", ui_language="zh",
                         temperature=0, validate_model_repo=False)
-        env = {"MODEL_DIR": str(tmp_path / "weights"), "MODEL_REPO_TOKEN": TOKEN, "MODEL_REPO_USER": USER}
+        env = {"MODEL_DIR": str(tmp_path / "weights"), "MODEL_REPO_TOKEN": TOKEN, "MODEL_REPO_USER": USER, **RAMBLES}
         app = AppProcess(folder, env, tmp_path / "app.log")
         try:
             app.wait_serving()
@@ -128,7 +131,7 @@ def test_progress_streaming_and_stop_in_chinese(page, tiny_model: Path, tmp_path
 def test_each_language_shows_its_own_labels(page, model_remote: str, tmp_path: Path, language: str, labels: list):
     folder = render(tmp_path / "out", model_repo=model_remote, hardware="cpu", ui_language=language,
                     validate_model_repo=False)
-    app = AppProcess(folder, {"MODEL_DIR": str(tmp_path / "weights")}, tmp_path / "app.log")
+    app = AppProcess(folder, {"MODEL_DIR": str(tmp_path / "weights"), **RAMBLES}, tmp_path / "app.log")
     try:
         app.wait_stage(("ready",))
         page.goto(app.url)
@@ -163,7 +166,7 @@ def test_dropped_turns_and_too_long_input_are_told_to_the_user(page, model_remot
     """max_new_tokens 2048 leaves 2048 of the tiny model's 4096 positions for the prompt."""
     folder = render(tmp_path / "out", model_repo=model_remote, hardware="cpu", ui_language="en", temperature=0,
                     max_new_tokens=2048, validate_model_repo=False)
-    app = AppProcess(folder, {"MODEL_DIR": str(tmp_path / "weights")}, tmp_path / "app.log")
+    app = AppProcess(folder, {"MODEL_DIR": str(tmp_path / "weights"), **RAMBLES}, tmp_path / "app.log")
     try:
         app.wait_stage(("ready",))
         page.goto(app.url)
