@@ -53,7 +53,7 @@ def spread(values: list, digits: int = 2) -> str:
 
 
 def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] = None,
-         engines: Optional[dict] = None) -> list:
+         engines: Optional[dict] = None, adapter: Optional[dict] = None) -> list:
     """(figure, measured, goal, result) for the table."""
     out = []
     if "error" not in app:
@@ -156,6 +156,16 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] 
                     f"{users['cb_over_limit_1']:.2f} ({users['transformers_serve_cb']:.1f} vs "
                     f"{users['engine_transformers_limit_1']:.1f} tok/s; limit {count} ÷ limit 1: {scaled:.2f})",
                     "report", "—"))
+    if adapter and "error" not in adapter:
+        rows_ = adapter["summary"]
+        out.append(("adapter deploy ÷ merged-model deploy: bytes", f"**{adapter['bytes_ratio_cold']:.2f}** with the base"
+                    f" to download, **{adapter['bytes_ratio_shared_base']:.3f}** with a shared base on disk (adapter "
+                    f"{adapter['adapter_file_mb']} MB, merged weights {adapter['merged_weights_mb']} MB)", "report",
+                    "—"))
+        out.append(("adapter deploy ÷ merged-model deploy: first reply", f"{adapter['first_reply_ratio_cold']:.2f} "
+                    f"cold, {adapter['first_reply_ratio_shared_base']:.2f} with a shared base ("
+                    f"{rows_['adapter_cold']['first_reply_s']:.1f} / {rows_['adapter_shared_base']['first_reply_s']:.1f}"
+                    f" vs {rows_['merged']['first_reply_s']:.1f} s)", "report", "—"))
     return out
 
 
@@ -194,7 +204,8 @@ def main() -> None:
              ("download_memory.py", ["--runs", "1" if quick else "3"], "download_memory"),
              ("loaders.py", ["--runs", "1" if quick else "3", "--tokens", "32"], "loaders"),
              ("int8_cpu.py", ["--rounds", "1" if quick else "3"], "int8"),
-             ("engines_bench.py", ["--runs", "2" if quick else "5"], "engines")]
+             ("engines_bench.py", ["--runs", "2" if quick else "5"], "engines"),
+             ("adapter_bench.py", ["--runs", "1" if quick else "2"], "adapter")]
     found = {}
     for script, part_args, name in parts:
         if args.table_only:
@@ -202,10 +213,10 @@ def main() -> None:
             found[name] = json.loads(path.read_text()) if path.exists() else {"error": f"no {path.name}"}
         else:
             found[name] = run_part(script, part_args, name)
-    engine, app, dm, loaders, int8, engines = (found[name] for name in (
-        "engine", "app", "download_memory", "loaders", "int8", "engines"))
+    engine, app, dm, loaders, int8, engines, adapter = (found[name] for name in (
+        "engine", "app", "download_memory", "loaders", "int8", "engines", "adapter"))
     table = ["| figure | measured | goal | result |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine, int8, engines)]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(app, dm, loaders, engine, int8, engines, adapter)]
     run = {"now": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "load": load_average(), "minutes": (clock() - started) / 60}
     if args.table_only and (OUT / "run.json").exists():
