@@ -158,14 +158,15 @@ def rows(app: dict, dm: dict, loaders: dict, engine: dict, int8: Optional[dict] 
                     "report", "—"))
     if adapter and "error" not in adapter:
         rows_ = adapter["summary"]
-        out.append(("adapter deploy ÷ merged-model deploy: bytes", f"**{adapter['bytes_ratio_cold']:.2f}** with the base"
-                    f" to download, **{adapter['bytes_ratio_shared_base']:.3f}** with a shared base on disk (adapter "
+        cold, shared = rows_["adapter_cold"]["first_reply_s"], rows_["adapter_shared_base"]["first_reply_s"]
+        out.append(("adapter deploy ÷ merged-model deploy: bytes",
+                    f"**{adapter['bytes_ratio_cold']:.2f}** with the base to download, "
+                    f"**{adapter['bytes_ratio_shared_base']:.3f}** with a shared base on disk (adapter "
                     f"{adapter['adapter_file_mb']} MB, merged weights {adapter['merged_weights_mb']} MB)", "report",
                     "—"))
         out.append(("adapter deploy ÷ merged-model deploy: first reply", f"{adapter['first_reply_ratio_cold']:.2f} "
                     f"cold, {adapter['first_reply_ratio_shared_base']:.2f} with a shared base ("
-                    f"{rows_['adapter_cold']['first_reply_s']:.1f} / {rows_['adapter_shared_base']['first_reply_s']:.1f}"
-                    f" vs {rows_['merged']['first_reply_s']:.1f} s)", "report", "—"))
+                    f"{cold:.1f} / {shared:.1f} vs {rows_['merged']['first_reply_s']:.1f} s)", "report", "—"))
     return out
 
 
