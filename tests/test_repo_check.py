@@ -101,13 +101,15 @@ def test_no_weights(rc, make_repo):
     assert "no weights (*.safetensors or *.bin) — push the weights" in line(report, "5")
 
 
-def test_a_lora_adapter_is_told_to_merge(rc, make_repo):
+def test_a_broken_lora_adapter_is_named_with_its_fix(rc, make_repo):
+    """An adapter repo whose adapter_config.json is not a LoRA one (tests/test_adapter_e2e.py has good ones)."""
     def edit(folder: Path) -> None:
         (folder / "model.safetensors").unlink()
         (folder / "adapter_config.json").write_text("{}", encoding="utf-8")
 
     report = rc.check_repo(make_repo("adapter", edit), "main")
-    assert "xtuner convert merge" in line(report, "5")
+    line = next(c for c in report.checks if c.title == "2 LoRA adapter")
+    assert line.status == "fail" and "peft_type" in line.detail and "LoRA" in line.detail and not report.ok
 
 
 def test_weights_not_in_lfs_is_a_warning(rc, make_repo):
