@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Tuple
@@ -123,6 +124,17 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _command_line(env: Mapping[str, str], name: str) -> str:
+    """ENGINE_ARGS / ENGINE_COMMAND, refused here if the shell-style quoting cannot be read."""
+    value = env.get(name, "").strip()
+    try:
+        shlex.split(value)
+    except ValueError as error:
+        raise SettingsError(f"{name} cannot be read ({error}) — check its quotes: each opening quote needs its"
+                            " closing one") from None
+    return value
+
+
 def _default_server_name(env: Mapping[str, str]) -> str:
     """Loopback on a laptop; all interfaces where a hosting platform routes traffic in."""
     on_platform = any(key in env for key in ("SPACE_ID", "MODELSCOPE_ENVIRONMENT", "OPENXLAB_APP_ID"))
@@ -175,11 +187,11 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         engine=engine,
         engine_url=text("engine_url").strip(),
         engine_model=text("engine_model").strip(),
-        engine_args=env.get("ENGINE_ARGS", ""),
-        engine_command=env.get("ENGINE_COMMAND", "").strip(),
+        engine_args=_command_line(env, "ENGINE_ARGS"),
+        engine_command=_command_line(env, "ENGINE_COMMAND"),
         engine_timeout=_number(env, "ENGINE_TIMEOUT", 60.0, float),
         engine_start_timeout=_number(env, "ENGINE_START_TIMEOUT", 900.0, float),
-        engine_api_key=env.get("ENGINE_API_KEY", ""),
-        repo_token=env.get("MODEL_REPO_TOKEN", ""),
+        engine_api_key=env.get("ENGINE_API_KEY", "").strip(),
+        repo_token=env.get("MODEL_REPO_TOKEN", "").strip(),
         repo_user=env.get("MODEL_REPO_USER", ""),
     )

@@ -19,12 +19,12 @@ from typing import Optional, Union
 from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
 from .engines.process import EngineProcess, LoadSpec
 from .engines.server import NAMES, ServerEngine
-from .model.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from .model.adapter import OFFICIAL_BASES
+from .model.adapter_check import is_adapter
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
 from .model.git_tools import RepoError
-from .model.source import ModelSource, resolve_source
+from .model.source import ModelSource, resolve_source, same_host
 from .settings import Settings
 
 Engine = Union[EngineProcess, ServerEngine, OpenAIEngine]
@@ -47,6 +47,8 @@ class ModelStatus:
 
     def progress(self, stage: str, done: int, total: int) -> None:
         with self.lock:
+            if self.stage == "failed":  # a failure stands: later progress must not hide it
+                return
             self.stage, self.done, self.total = stage, done, total
 
     def fail(self, message: str) -> None:
@@ -112,22 +114,25 @@ def preflight(settings: Settings, source: ModelSource) -> None:
 
 def connect(settings: Settings, status: ModelStatus) -> None:
     """ENGINE=openai: no download; the server must answer, accept the key and serve the model."""
-    status.engine_name = settings.engine_url
     status.progress("connecting", 0, 0)
     try:
         endpoint = Endpoint.from_url(settings.engine_url, settings.engine_model, settings.engine_api_key,
                                      settings.engine_timeout)
+        status.engine_name = endpoint.shown
         verdict, names = check_endpoint(endpoint)
     except EndpointError as error:
         status.fail(str(error))
+        return
+    except Exception as error:  # a bug, not a user mistake; the key is never part of what is shown
+        traceback.print_exc()
+        status.fail(f"the engine server could not be checked ({type(error).__name__})")
         return
     if verdict == "unlisted":
         shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
         status.fail(f"the server at {endpoint.base} does not list the model {settings.engine_model!r} (it lists:"
                     f" {shown}) — set ENGINE_MODEL to one of those names")
         return
-    host = endpoint.base.split("//", 1)[1].split("/", 1)[0]
-    status.succeed(OpenAIEngine(endpoint, f"{settings.engine_model} @ {host}"))
+    status.succeed(OpenAIEngine(endpoint, f"{settings.engine_model} @ {endpoint.shown.split('//', 1)[1]}"))
 
 
 def make_engine(settings: Settings, status: ModelStatus) -> Union[EngineProcess, ServerEngine]:
@@ -146,9 +151,11 @@ def ensure_base(settings: Settings, status: ModelStatus) -> Path:
     if not settings.base_model_repo:
         raise RepoError("the model repo holds a LoRA adapter, and no base model was given",
                         f"set BASE_MODEL_REPO to the model it was trained on, e.g. {OFFICIAL_BASES}")
+    shared = same_host(settings.base_model_repo, settings.model_repo)  # MODEL_REPO_TOKEN is for that host only
     return ensure_model(resolve_source(settings.base_model_repo, settings.base_model_revision),
-                        settings.base_model_dir, token=settings.repo_token, user=settings.repo_user,
-                        keep_lfs_cache=settings.keep_lfs_cache, progress=status.progress)
+                        settings.base_model_dir, token=settings.repo_token if shared else "",
+                        user=settings.repo_user if shared else "", keep_lfs_cache=settings.keep_lfs_cache,
+                        progress=status.progress)
 
 
 def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess, ServerEngine]) -> None:
@@ -164,7 +171,11 @@ def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess
             progress=status.progress,
         )
         adapter = ""
-        if (folder / ADAPTER_CONFIG).is_file():  # a LoRA adapter: the base model comes from its own repo
+        if is_adapter([path.name for path in folder.iterdir()]):  # a LoRA adapter: the base comes from its repo
+            if isinstance(engine, ServerEngine):
+                raise RepoError(f"the model repo holds a LoRA adapter, and {engine.name} serves whole models only",
+                                "use ENGINE=transformers (it merges the adapter at load), or deploy the merged"
+                                " model (xtuner convert merge)")
             adapter, folder = str(folder), ensure_base(settings, status)
         status.progress("starting" if isinstance(engine, ServerEngine) else "loading", 0, 0)
         print(f"[engine] loading {folder}" + (f" with the adapter {adapter}" if adapter else ""), flush=True)

@@ -53,9 +53,15 @@ def main(command: list) -> int:
         os._exit(0)
 
     threading.Thread(target=watch_parent, name="parent", daemon=True).start()
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (end_group(server), os._exit(0)))
-    return server.wait()
+        signal.signal(sig, lambda *_: stop.set())  # ended below, outside the handler (Popen's lock is free there)
+    while server.poll() is None and not stop.is_set():
+        stop.wait(0.2)
+    if stop.is_set():
+        end_group(server)
+        return 0
+    return server.returncode
 
 
 if __name__ == "__main__":

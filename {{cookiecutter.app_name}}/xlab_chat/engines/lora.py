@@ -189,10 +189,11 @@ def assert_all_applied(adapter: Adapter, applied: Iterable[str]) -> None:
 
 def merge_into_model(model: torch.nn.Module, adapter: Adapter) -> None:
     """Merge into a model loaded by transformers (remote code or a Llama base), parameter by parameter, in place."""
-    params = {name: param.data for name, param in model.named_parameters()}
-    merged = dict(params)
-    applied = merge_into(merged, adapter)
+    applied: Dict[str, str] = {}
     with torch.no_grad():
-        for name in applied:
-            params[name].copy_(merged[name])
+        for name, param in model.named_parameters():  # one at a time: at most one extra weight in memory
+            if name in adapter.updates:
+                one = {name: param.data}
+                applied.update(merge_into(one, adapter))
+                param.data.copy_(one[name])
     assert_all_applied(adapter, applied)

@@ -56,7 +56,24 @@ class Endpoint:
                 url = url[: -len(suffix)]
         if not url.endswith("/v1"):
             url += "/v1"
+        try:
+            port = urlsplit(url).port
+        except ValueError:
+            port = -1
+        if port == -1:
+            raise EndpointError("ENGINE_URL's port is not a number from 1 to 65535",
+                                "set ENGINE_URL to the server's address, e.g. http://10.0.0.5:23333/v1")
+        api_key = api_key.strip()
+        if api_key and (not api_key.isprintable() or not all(ord(c) < 256 for c in api_key)):
+            raise EndpointError("ENGINE_API_KEY holds characters an HTTP header cannot carry",
+                                "paste the key again without spaces, line breaks or quotes")
         return cls(url, model, api_key, timeout)
+
+    @property
+    def shown(self) -> str:
+        """scheme://host:port only: what the page may show of the address (no user info, path or query)."""
+        parts = urlsplit(self.base)
+        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
     def connection(self, timeout: float) -> http.client.HTTPConnection:
         parts = urlsplit(self.base)
@@ -192,6 +209,9 @@ class OpenAIEngine:
         except EndpointError as error:
             request.emit(protocol.GenerationFailed("EndpointError", str(error)) if not request.cancelled.is_set()
                          else protocol.FINISHED)
+        except Exception as error:  # a bug must still end the reply; its text may hold a header, so not shown
+            print(f"[engine] the reply stream failed: {type(error).__name__}", flush=True)
+            request.emit(protocol.GenerationFailed(type(error).__name__, ""))
         finally:
             with self._lock:
                 self._active -= 1
@@ -227,6 +247,9 @@ class OpenAIEngine:
             connection.connect()
             with request.lock:
                 request.sock = connection.sock
+            if request.cancelled.is_set():  # Stop came while connecting: send nothing
+                request.emit(protocol.FINISHED)
+                return
             connection.request("POST", endpoint.path("chat/completions"), body=json.dumps(body).encode("utf-8"),
                                headers=endpoint.headers())
             response = connection.getresponse()
@@ -302,8 +325,15 @@ def wait_until_serving(endpoint: Endpoint, alive: Callable[[], bool], deadline: 
         try:
             connection = endpoint.connection(5)
             connection.request("GET", root.path.rsplit("/v1", 1)[0] + "/health")
-            if connection.getresponse().status == 200:
+            status = connection.getresponse().status
+            if status == 200:
                 return
+            if status == 404:  # a server without /health: its model list answers once it serves
+                connection.close()
+                connection = endpoint.connection(5)
+                connection.request("GET", endpoint.path("models"), headers=endpoint.headers())
+                if connection.getresponse().status == 200:
+                    return
         except (OSError, http.client.HTTPException):
             pass
         finally:

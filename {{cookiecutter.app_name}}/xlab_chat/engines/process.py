@@ -29,6 +29,7 @@ from . import protocol
 Emit = Callable[[object], None]
 RESTART_WINDOW = 60.0  # seconds: a second crash sooner than this is a crash loop
 APP_FOLDER = Path(__file__).resolve().parents[2]
+SECRETS = ("MODEL_REPO_TOKEN", "ENGINE_API_KEY")  # never handed to a child process
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -112,7 +113,7 @@ class EngineProcess:
     # ------------------------------------------------------------ the child
 
     def _spawn(self) -> "subprocess.Popen[bytes]":
-        env = dict(os.environ)
+        env = {key: value for key, value in os.environ.items() if key not in SECRETS}  # it runs model code
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_FOLDER), env.get("PYTHONPATH")]))
         child = subprocess.Popen([sys.executable, "-m", "xlab_chat.engines.worker"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, env=env)
@@ -147,7 +148,12 @@ class EngineProcess:
         """Start a reply: ``emit`` gets Dropped, text pieces, then FINISHED or an exception."""
         request = Request(self, next(self.ids), emit)
         with self.lock:
-            self.requests[request.id] = request
+            ready = self.ready
+            if ready:
+                self.requests[request.id] = request
+        if not ready:  # the engine died a moment ago and is reloading
+            emit(protocol.EngineStopped("the model process is restarting"))
+            return request
         self.send(protocol.chat_request(request.id, system, history, message, max_new_tokens, temperature, top_p,
                                         repetition_penalty))
         return request
@@ -200,13 +206,17 @@ class EngineProcess:
         if self.closed:
             return
         why = describe_exit(code)
-        was_ready, self.ready = self.ready, False
-        with self.lock:
+        with self.lock:  # together: no chat can slip in between (chat() checks ready under this lock)
+            was_ready, self.ready = self.ready, False
             orphans, self.requests = list(self.requests.values()), {}
         for request in orphans:
             if not request.cancelled:
                 request.emit(protocol.EngineStopped(f"the model process stopped while writing this reply: {why}"))
         print(f"[engine] the model process ended: {why}", flush=True)
+        if self.spec is None:  # it died before it was asked to load anything
+            self.status.engine_failed(f"the model process could not start ({why}) — see the log above; usually"
+                                      " torch is missing or broken: pip install -r requirements.txt")
+            return
         refusal = no_restart(self.crashes, was_ready and self.spec is not None, "the model process", why)
         if refusal:
             self.status.engine_failed(refusal)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .openai_api import Endpoint, EndpointError, OpenAIEngine, wait_until_serving
-from .process import APP_FOLDER, LoadSpec, StatusSink, describe_exit, no_restart
+from .process import APP_FOLDER, SECRETS, LoadSpec, StatusSink, describe_exit, no_restart
 
 HOST = "127.0.0.1"
 NAMES = {"lmdeploy": "LMDeploy", "vllm": "vLLM", "command": "the engine server"}
@@ -120,7 +120,7 @@ class ServerEngine:
         try:
             port = free_port()
             argv = command_line(self.engine, folder, port, self.engine_args, self.engine_command)
-            print(f"[engine] starting {self.name}: {shlex.join(argv)}", flush=True)
+            print(f"[engine] starting {self.name}: {shlex.join(redacted(argv))}", flush=True)
             self.server = subprocess.Popen([sys.executable, "-m", "xlab_chat.engines.guard", *argv],
                                            stdin=subprocess.PIPE, cwd=str(APP_FOLDER),
                                            env=_child_env())
@@ -130,6 +130,10 @@ class ServerEngine:
         except EndpointError as error:
             self.close()
             self.status.engine_failed(f"{self.name} could not start: {error}")
+            return
+        except Exception as error:  # a bug, not a user mistake: the page still shows a failure
+            self.close()
+            self.status.engine_failed(f"{self.name} could not start ({type(error).__name__}: {error}) — see the log")
             return
         self.client = OpenAIEngine(endpoint, self.label, {"repetition_penalty": True} if not self.engine_command
                                    else None, on_lost=lambda: server.poll() is not None or self._wait_dead(server))
@@ -161,9 +165,19 @@ class ServerEngine:
         self._start()
 
 
+def redacted(argv: List[str]) -> List[str]:
+    """The command line as logged: the value after any flag that names a key, token or secret is hidden."""
+    shown, hide = [], False
+    for part in argv:
+        flag, sep, _ = part.partition("=")
+        secret = any(word in flag.lower() for word in ("key", "token", "secret", "password"))
+        shown.append("***" if hide else (f"{flag}=***" if secret and sep else part))
+        hide = secret and part.startswith("-") and not sep
+    return shown
+
+
 def _child_env() -> dict:
-    env = dict(os.environ)
-    env.pop("ENGINE_API_KEY", None)  # a launched server needs no key; never hand the secret to its logs
+    env = {key: value for key, value in os.environ.items() if key not in SECRETS}  # a launched server needs none
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_FOLDER), env.get("PYTHONPATH")]))
     return env
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -31,6 +32,7 @@ class Worker:
         self.send_lock = threading.Lock()
         self.engine: Optional[object] = None
         self.generations: Dict[int, object] = {}
+        self.generations_lock = threading.Lock()
 
     def send(self, message: dict) -> None:
         with self.send_lock:
@@ -56,6 +58,10 @@ class Worker:
 
         request_id = command["id"]
         engine = self.engine
+        if engine is None:  # a chat that raced a restart: the page tells the user to send it again
+            self.send({"kind": protocol.ERROR, "id": request_id, "type": "EngineNotReady",
+                       "error": "the model is not loaded yet"})
+            return
         try:
             ids, dropped = engine.fit_prompt(command["system"], command["history"], command["message"],
                                              int(command["max_new_tokens"]))
@@ -66,19 +72,21 @@ class Worker:
             self.send({"kind": protocol.DROPPED, "id": request_id, "turns": dropped})
 
         def emit(item: object) -> None:
+            if item is Generation.DONE or isinstance(item, Exception):
+                with self.generations_lock:  # after the start below has stored it: no stale entry stays
+                    self.generations.pop(request_id, None)
             if item is Generation.DONE:
-                self.generations.pop(request_id, None)
                 self.send({"kind": protocol.DONE, "id": request_id})
             elif isinstance(item, Exception):
-                self.generations.pop(request_id, None)
                 self.send({"kind": protocol.ERROR, "id": request_id, "type": type(item).__name__,
                            "error": str(item)[:500]})
             else:
                 self.send({"kind": protocol.TEXT, "id": request_id, "text": item})
 
-        self.generations[request_id] = engine.start(ids, emit, int(command["max_new_tokens"]),
-                                                    float(command["temperature"]), float(command["top_p"]),
-                                                    float(command["repetition_penalty"]), dropped)
+        with self.generations_lock:
+            self.generations[request_id] = engine.start(ids, emit, int(command["max_new_tokens"]),
+                                                        float(command["temperature"]), float(command["top_p"]),
+                                                        float(command["repetition_penalty"]), dropped)
 
     def cancel(self, command: dict) -> None:
         generation = self.generations.get(command["id"])
@@ -94,11 +102,18 @@ class Worker:
                 os._exit(0)
             if command["kind"] == protocol.LOAD:
                 loads.put(command)
-            else:
+                continue
+            try:
                 handlers[command["kind"]](command)
+            except Exception as error:  # one bad chat must not stop this reader: Stop and EOF depend on it
+                traceback.print_exc()
+                if command["kind"] == protocol.CHAT:
+                    self.send({"kind": protocol.ERROR, "id": command["id"], "type": type(error).__name__,
+                               "error": str(error)[:500]})
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl+C is the page's to handle; EOF ends us
     events = os.fdopen(os.dup(1), "wb")  # the protocol's own copy of stdout
     os.dup2(2, 1)  # anything else printed goes to the log
     sys.stdout = sys.stderr
@@ -106,8 +121,14 @@ def main() -> None:
     loads: queue.Queue = queue.Queue()
     threading.Thread(target=worker.read_commands, args=(sys.stdin.buffer, loads), name="commands",
                      daemon=True).start()
-    import torch  # noqa: F401 - start the slow import now, while the page downloads the model
-
+    try:
+        import torch  # noqa: F401 - start the slow import now, while the page downloads the model
+    except Exception as error:  # a missing or broken torch: say so, instead of dying unexplained
+        traceback.print_exc()
+        worker.send({"kind": protocol.LOAD_FAILED, "type": type(error).__name__,
+                     "error": f"torch cannot be imported ({type(error).__name__}: {error}) — install the app's"
+                              " requirements: pip install -r requirements.txt"})
+        threading.Event().wait()
     worker.load(loads.get())
     threading.Event().wait()  # serve until stdin ends (read_commands exits the process)
 

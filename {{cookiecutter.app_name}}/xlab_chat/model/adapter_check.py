@@ -71,7 +71,7 @@ def check_adapter_repo(listing: object, remote_url: str, base_repo: str, base_re
     if on_disk is not None and weights.endswith(".safetensors"):
         try:
             shapes = read_safetensors_shapes(on_disk)
-        except AdapterError as error:
+        except (AdapterError, OSError, TypeError, ValueError, KeyError) as error:
             lines.append(make_check("4 adapter fits the base", fail, str(error), "export the adapter again"))
             return lines
     if not base_repo:
@@ -95,7 +95,11 @@ def check_adapter_repo(listing: object, remote_url: str, base_repo: str, base_re
         lines.append(make_check("4 adapter fits the base", ok, "shapes are checked when the app loads (the adapter"
                                 " weights are in LFS on a remote host: not downloaded now)"))
     else:
-        problems = check_adapter_shapes(shapes, base_config, adapter)
+        try:
+            problems = check_adapter_shapes(shapes, base_config, adapter)
+        except (KeyError, TypeError, ValueError) as error:  # an unusual base config.json
+            problems = [f"the base's config.json cannot be compared with the adapter ({type(error).__name__}:"
+                        f" {error})"]
         if problems:
             shown = problems[0].rstrip(".") + (f" (and {len(problems) - 1} more like it)" if len(problems) > 1 else "")
             lines.append(make_check("4 adapter fits the base", fail, shown, "answer the base_model_repo the adapter"

@@ -30,7 +30,7 @@ from .git_tools import RepoError, git_env, read_pointer, run_git, working_files
 from .lfs_objects import LFSUnanswered, check_objects
 from .platform_tiers import GB, NAMES, chosen_platforms, cpu_tiers
 from .repo_url import LOCAL, MODELSCOPE, RepoURLError, normalise
-from .source import resolve_source
+from .source import resolve_source, same_host
 
 MAX_TIMEOUT = 60.0  # an unreachable or stalled host ends the whole check within this bound
 DEFAULT_TIMEOUT = 45.0  # leaves room under MAX_TIMEOUT for the local steps and the cleanup
@@ -742,8 +742,14 @@ def _run_adapter_checks(report: Report, listing: Listing, remote: Optional[Remot
                         options: dict) -> None:
     """A LoRA adapter repo: the adapter itself, then the base model it needs, checked as usual."""
     def check_base(repo: str, revision: str) -> Report:
-        return check_repo(repo, revision, token=remote.token if remote else "", user=remote.user if remote else "",
+        shared = remote is not None and same_host(repo, remote.url)  # the token is for the adapter's host only
+        return check_repo(repo, revision, token=remote.token if shared else "", user=remote.user if shared else "",
                           timeout=max(1.0, deadline.end - time.monotonic()), **options)
+
+    if options["engine"] not in ("transformers",):
+        report.checks.append(Check(f"9 engine {options['engine']}", FAIL, "a LoRA adapter: the engine servers"
+                                   " serve whole models only", "answer engine=transformers (it merges the adapter"
+                                   " at load), or deploy the merged model (xtuner convert merge)"))
 
     report.checks += check_adapter_repo(listing, remote.url if remote else str(listing.root), report.base_repo,
                                         report.base_revision, check_base, Check,

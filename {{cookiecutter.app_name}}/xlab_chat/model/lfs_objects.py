@@ -104,12 +104,12 @@ def missing_in_store(store: Path, objects: Sequence[LFSObject]) -> List[LFSObjec
 
 
 def missing_on_server(endpoint: str, objects: Sequence[LFSObject], token: str = "", user: str = "",
-                      timeout: float = 15.0, ref: str = "") -> List[LFSObject]:
+                      timeout: float = 15.0, ref: str = "", repo_url: str = "") -> List[LFSObject]:
     """Objects the server's batch API says it does not hold; LFSUnanswered when it cannot tell."""
     missing: List[LFSObject] = []
     for start in range(0, len(objects), BATCH_SIZE):
         chunk = objects[start:start + BATCH_SIZE]
-        answer = _batch(endpoint, chunk, token, user, timeout, ref)
+        answer = _batch(endpoint, chunk, token, user, timeout, ref, repo_url or endpoint)
         known: Dict[str, Mapping[str, object]] = {}
         for entry in answer.get("objects") or []:
             if isinstance(entry, dict) and isinstance(entry.get("oid"), str):
@@ -121,8 +121,18 @@ def missing_on_server(endpoint: str, objects: Sequence[LFSObject], token: str = 
     return missing
 
 
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect, but carry the token only to the host it was meant for."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlsplit(newurl).hostname != urlsplit(req.full_url).hostname:
+            new.remove_header("Authorization")
+        return new
+
+
 def _batch(endpoint: str, chunk: Sequence[LFSObject], token: str, user: str, timeout: float,
-           ref: str) -> Mapping[str, object]:
+           ref: str, repo_url: str = "") -> Mapping[str, object]:
     body: Dict[str, object] = {
         "operation": "download",
         "transfers": ["basic"],
@@ -131,13 +141,13 @@ def _batch(endpoint: str, chunk: Sequence[LFSObject], token: str, user: str, tim
     if ref:
         body["ref"] = {"name": ref}
     headers = {"Accept": LFS_JSON, "Content-Type": LFS_JSON, "User-Agent": "git-lfs/3 (xlab-chat-template check)"}
-    if token:
+    if token and urlsplit(endpoint).hostname == urlsplit(repo_url).hostname:  # never to another host
         name, _, value = auth_header(token, user).partition(": ")
         headers[name] = value
     request = urllib.request.Request(endpoint + "/objects/batch", data=json.dumps(body).encode(), headers=headers,
                                      method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=max(0.5, timeout)) as response:
+        with urllib.request.build_opener(_SameHostRedirects).open(request, timeout=max(0.5, timeout)) as response:
             raw = response.read(16 * 1024 * 1024)
     except urllib.error.HTTPError as error:
         kind = "auth" if error.code in (401, 403) else "server"
@@ -168,4 +178,4 @@ def check_objects(git_url: str, root: Path, names: Sequence[str], token: str = "
     if not git_url.startswith(("http://", "https://")):
         raise LFSUnanswered("the remote is not reached over HTTP(S), so its LFS store was not asked", "protocol")
     endpoint = lfs_endpoint(git_url, root / ".lfsconfig")
-    return objects, missing_on_server(endpoint, objects, token, user, timeout, ref)
+    return objects, missing_on_server(endpoint, objects, token, user, timeout, ref, git_url)

@@ -41,3 +41,15 @@ def resolve_source(repo: str, revision: str) -> ModelSource:
             return ModelSource(url="", revision=revision, local_folder=candidate.resolve())
         return ModelSource(url=candidate.resolve().as_uri(), revision=revision)
     return ModelSource(url=repo, revision=revision)
+
+
+def same_host(first: str, second: str) -> bool:
+    """Whether two repo addresses are on one host: a token for one is never sent to another."""
+    from urllib.parse import urlsplit
+
+    def host(url: str) -> str:
+        if "://" not in url:  # scp-like user@host:path, or a local path
+            return url.split("@", 1)[-1].split(":", 1)[0] if "@" in url else ""
+        return (urlsplit(url).hostname or "").lower()
+
+    return bool(host(first)) and host(first) == host(second)
