@@ -148,3 +148,24 @@ def test_a_model_that_kills_its_process_while_loading_fails_once_with_the_fix(ti
         assert engine_children(process.process.pid) == []
     finally:
         process.stop()
+
+
+def test_the_engine_process_answers_a_chat_it_cannot_serve_and_keeps_reading(app_modules):
+    """A chat that reaches the engine before its model (a restart race) gets an error, and the process still
+    reads its commands: it exits at once when its stdin closes."""
+    env = {**os.environ, "PYTHONPATH": str(app_modules)}
+    child = subprocess.Popen([sys.executable, "-m", "xlab_chat.engines.worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env=env)
+    try:
+        for request_id in (1, 2):
+            message = {"kind": "chat", "id": request_id, "system": "", "history": [], "message": "hi",
+                       "max_new_tokens": 4, "temperature": 0.0, "top_p": 0.8, "repetition_penalty": 1.0}
+            child.stdin.write(json.dumps(message).encode() + b"\n")
+            child.stdin.flush()
+            event = json.loads(child.stdout.readline())
+            assert event == {"kind": "error", "id": request_id, "type": "EngineNotReady",
+                             "error": "the model is not loaded yet"}
+        child.stdin.close()
+        assert child.wait(10) == 0
+    finally:
+        child.kill()

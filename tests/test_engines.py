@@ -278,3 +278,37 @@ def test_the_hook_checks_the_endpoint_for_engine_openai(served, chat_model, tmp_
             render(tmp_path / "bad", engine="openai", engine_url=proxy.url, engine_model=str(chat_model))
         captured = capfd.readouterr()
         assert "✗ 2 API key accepted" in captured.out and "sk-wrong" not in captured.out + captured.err
+
+
+def test_logged_command_lines_hide_keys_and_tokens(app_modules):
+    from xlab_chat.engines.server import redacted
+
+    argv = ["vllm", "serve", "/m", "--api-key", "sk-1", "--hf-token=hf_2", "--port", "8000"]
+    assert redacted(argv) == ["vllm", "serve", "/m", "--api-key", "***", "--hf-token=***", "--port", "8000"]
+
+
+def test_engine_url_and_key_mistakes_are_refused_clearly(app_modules):
+    from xlab_chat.engines.openai_api import Endpoint, EndpointError
+
+    with pytest.raises(EndpointError, match="port is not a number"):
+        Endpoint.from_url("http://user:pw@host:port/v1", "m")
+    with pytest.raises(EndpointError, match="characters an HTTP header cannot carry") as caught:
+        Endpoint.from_url("http://host:8000/v1", "m", "sk-abc\ndef")
+    assert "sk-abc" not in str(caught.value)
+    endpoint = Endpoint.from_url("https://user:pw@host:8443/v1/chat/completions?x=1", "m", " sk-key \n")
+    assert endpoint.api_key == "sk-key" and endpoint.shown == "https://host:8443"
+
+
+def test_the_token_goes_to_its_own_host_only(app_modules):
+    from xlab_chat.model.source import same_host
+
+    assert same_host("https://huggingface.co/me/adapter", "https://huggingface.co/internlm/internlm2-chat-1_8b")
+    assert not same_host("https://huggingface.co/me/adapter", "https://code.openxlab.org.cn/OpenLMLab/x.git")
+    assert not same_host("file:///a.git", "file:///b.git")
+
+
+def test_unreadable_engine_args_are_a_settings_error(app_modules):
+    from xlab_chat.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ENGINE_ARGS cannot be read"):
+        load_settings({"ENGINE_ARGS": "--chat-template 'unclosed"}, {"model_repo": "https://h/r.git"})
