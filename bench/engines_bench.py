@@ -4,8 +4,9 @@
 
 `transformers serve` (the real server that runs on this CPU) serves the endless benchmark model, so every reply
 has exactly --tokens tokens. Figures, side by side in one run, alternating:
-- stream: tokens/s the page streams (engine=openai, gradio_client over HTTP) ÷ tokens/s the same server streams
-  to the `openai` client directly, same prompt, greedy, same token count;
+- stream: tokens/s the page streams (engine=openai, read over HTTP as the page's JavaScript does: bench/sse_reader;
+  gradio_client, which polls every 50 ms, beside it) ÷ tokens/s the same server streams to the `openai` client
+  directly, same prompt, greedy, same token count;
 - first token: the page's first streamed update (browser-like reader) − the server's own first chunk;
 - users: aggregate tokens/s of --users concurrent chats through the page, with the server in
   --continuous-batching mode, ÷ engine=transformers (the app's own engine process) at CONCURRENCY_LIMIT 1; the
@@ -105,22 +106,24 @@ def measure(tokens: int, runs: int, users: int) -> dict:
             client, reader = ready["client"], QueueReader(app.url, "/chat")
             chat(client, tokens)  # warm-up, both paths
             direct(port, model, tokens)
-            page_rates, direct_rates, page_first, direct_first = [], [], [], []
+            page_rates, client_rates, direct_rates, page_first, direct_first = [], [], [], [], []
             for run in range(runs):
                 order = ("page", "direct") if run % 2 == 0 else ("direct", "page")
                 for side in order:
                     time.sleep(0.3)
-                    if side == "page":
-                        got = chat(client, tokens)
-                        page_rates.append(tokens / got["elapsed"])
+                    if side == "page":  # the browser-like reader carries the figure; gradio_client beside it
                         streamed = reader.call(PROMPT, "", tokens, 0.0, 0.8, 1.0)
+                        page_rates.append(tokens / streamed["elapsed"])
                         page_first.append(streamed["first"])
+                        client_rates.append(tokens / chat(client, tokens)["elapsed"])
                     else:
                         got = direct(port, model, tokens)
                         direct_rates.append(tokens / got["elapsed"])
                         direct_first.append(got["first"])
             results.update(
                 page_tok_s=median(page_rates), direct_tok_s=median(direct_rates),
+                gradio_client_tok_s=median(client_rates),
+                gradio_client_ratio=median([c / d for c, d in zip(client_rates, direct_rates)]),
                 stream_ratio=median([p / d for p, d in zip(page_rates, direct_rates)]),
                 stream_ratios=[round(p / d, 3) for p, d in zip(page_rates, direct_rates)],
                 page_first_ms=median(page_first) * 1000, direct_first_ms=median(direct_first) * 1000,
