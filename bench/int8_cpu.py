@@ -81,11 +81,15 @@ print(json.dumps({"copy_bytes_per_s": 2 * a.numel() / runs[len(runs) // 2]}))
 
 
 def build() -> Path:
-    """The checkpoint, once: bf16 InternLM2 weights in 4 shards and its config."""
+    """The checkpoint, once: bf16 InternLM2 weights in 4 shards, its config and a (small) InternLM2 tokenizer."""
+    from internlm2_fixture import _internlm2_config, _write_tokenizer, _write_weights, internlm2_weights
+
+    if not (FOLDER / "tokenizer.model").exists():
+        FOLDER.mkdir(parents=True, exist_ok=True)
+        _write_tokenizer(FOLDER)  # the app's start checks the repo is complete; the ids it makes fit any vocab
     if (FOLDER / "model.safetensors.index.json").exists():
         return FOLDER
     import torch
-    from internlm2_fixture import _internlm2_config, _write_weights, internlm2_weights
 
     FOLDER.mkdir(parents=True, exist_ok=True)
     config = _internlm2_config(SHAPE["vocab_size"], SHAPE["hidden"], SHAPE["layers"], SHAPE["heads"],
