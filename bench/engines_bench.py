@@ -16,6 +16,7 @@ has exactly --tokens tokens. Figures, side by side in one run, alternating:
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import threading
@@ -93,6 +94,7 @@ def users_tok_s(url: str, tokens: int, users: int) -> float:
 
 def measure(tokens: int, runs: int, users: int) -> dict:
     work = OUT / "engines-bench"
+    shutil.rmtree(work, ignore_errors=True)  # fresh renders each run
     model = endless_model()
     port = free_port()
     results: dict = {"tokens": tokens, "runs": runs, "users_count": users}
