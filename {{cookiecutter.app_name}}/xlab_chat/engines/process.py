@@ -45,21 +45,22 @@ def describe_exit(code: Optional[int]) -> str:
     return f"it exited with code {code}"
 
 
-def no_restart(crashes: List[float], was_ready: bool, what: str, why: str) -> str:
+def no_restart(crashes: List[float], was_ready: bool, what: str, why: str, ready_since: float = 0.0) -> str:
     """Why an engine that just died must not be restarted (its failure message), or "" to restart it.
 
-    Records this crash in ``crashes``. Dying while loading would only repeat; so would dying twice in a minute.
+    Records this crash in ``crashes``. Dying while loading would only repeat; so would dying again within a minute
+    of being reloaded after an earlier crash (counted from when it was ready, so a slow load is no excuse).
     """
     now = time.monotonic()
-    recent = [t for t in crashes if now - t < RESTART_WINDOW]
-    crashes[:] = recent + [now]
+    again = bool(crashes) and now - max(crashes[-1], ready_since) < RESTART_WINDOW
+    crashes.append(now)
     if not was_ready:
         return (f"{what} ended while loading the model ({why}) — this is most often too little memory: use a"
                 " smaller model, a GPU (HARDWARE), or a machine with more memory; the log above has details")
-    if recent:
-        return (f"{what} ended twice within {RESTART_WINDOW:.0f} s ({why}), so it is not restarted again — check"
-                " the log for the cause (often memory: lower MAX_NEW_TOKENS or CONCURRENCY_LIMIT), then restart"
-                " the app")
+    if again:
+        return (f"{what} ended twice within {RESTART_WINDOW:.0f} s of being ready ({why}), so it is not restarted"
+                " again — check the log for the cause (often memory: lower MAX_NEW_TOKENS or CONCURRENCY_LIMIT),"
+                " then restart the app")
     return ""
 
 
@@ -107,6 +108,7 @@ class EngineProcess:
         self.spec: Optional[LoadSpec] = None
         self.ready = False
         self.crashes: List[float] = []
+        self.ready_since = 0.0
         self.closed = False
         self.child = self._spawn()
 
@@ -175,6 +177,7 @@ class EngineProcess:
             kind = event["kind"]
             if kind == protocol.READY:
                 self.label, self.context, self.ready = event["label"], int(event["context"]), True
+                self.ready_since = time.monotonic()
                 self.status.engine_ready(self)
             elif kind == protocol.LOAD_FAILED:
                 self.close()  # an idle child would only hold memory
@@ -217,7 +220,8 @@ class EngineProcess:
             self.status.engine_failed(f"the model process could not start ({why}) — see the log above; usually"
                                       " torch is missing or broken: pip install -r requirements.txt")
             return
-        refusal = no_restart(self.crashes, was_ready and self.spec is not None, "the model process", why)
+        refusal = no_restart(self.crashes, was_ready and self.spec is not None, "the model process", why,
+                             self.ready_since)
         if refusal:
             self.status.engine_failed(refusal)
             return

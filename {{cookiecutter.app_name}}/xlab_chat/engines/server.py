@@ -34,6 +34,11 @@ INSTALL_FIX = ("install it with `pip install -r requirements.txt` on Linux x86_6
                " CPU use ENGINE=transformers")
 
 
+def split(command: str) -> List[str]:
+    """Shell-style words; on Windows backslashes are path separators, not escapes."""
+    return [part.strip('"') for part in shlex.split(command, posix=False)] if os.name == "nt" else shlex.split(command)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -66,7 +71,7 @@ def command_line(engine: str, folder: Path, port: int, engine_args: str = "", en
     awq = quant_method(folder) == "awq"
     if engine_command:
         try:
-            argv = [part.format(model=str(folder), port=port, host=HOST) for part in shlex.split(engine_command)]
+            argv = [part.format(model=str(folder), port=port, host=HOST) for part in split(engine_command)]
         except (ValueError, KeyError, IndexError) as error:
             raise EndpointError(f"ENGINE_COMMAND cannot be read ({error})",
                                 "write it as a command line with {model} and {port}, e.g. "
@@ -79,7 +84,7 @@ def command_line(engine: str, folder: Path, port: int, engine_args: str = "", en
                 "--trust-remote-code"] + (["--quantization", "awq"] if awq else [])
     else:
         raise EndpointError(f"ENGINE={engine} does not launch a server", "use lmdeploy, vllm or ENGINE_COMMAND")
-    return argv + shlex.split(engine_args)
+    return argv + split(engine_args)
 
 
 class ServerEngine:
@@ -95,7 +100,7 @@ class ServerEngine:
         self.client: Optional[OpenAIEngine] = None
         self.spec: Optional[LoadSpec] = None
         self.crashes: List[float] = []
-        self.ready = False
+        self.ready, self.ready_since = False, 0.0
         self.closed = False
         self.label = ""
 
@@ -138,7 +143,7 @@ class ServerEngine:
         self.client = OpenAIEngine(endpoint, self.label, {"repetition_penalty": True} if not self.engine_command
                                    else None, on_lost=lambda: server.poll() is not None or self._wait_dead(server))
         self.label = self.client.label = f"{self.name} · {folder.name}"
-        self.ready = True
+        self.ready, self.ready_since = True, time.monotonic()
         threading.Thread(target=self._watch, args=(server,), name="engine-watch", daemon=True).start()
         self.status.engine_ready(self)
 
@@ -156,7 +161,7 @@ class ServerEngine:
             return
         why = describe_exit(code)
         print(f"[engine] {self.name} ended: {why}", flush=True)
-        refusal = no_restart(self.crashes, self.ready, self.name, why)
+        refusal = no_restart(self.crashes, self.ready, self.name, why, self.ready_since)
         self.ready = False
         if refusal:
             self.status.engine_failed(refusal)
