@@ -28,13 +28,24 @@ EXACT = {"QUANTIZE": "none", "DTYPE": "float32"}  # compared with a float32 orac
 def world(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     base_dir = tmp_path_factory.mktemp("adapter-world")
     base = internlm2_from_llama(tiny_model, base_dir / "base")
-    adapters = {fmt: soften(make_adapter(base, base_dir / f"adapter-{fmt}", XTUNER, safe=fmt == "safetensors"))
+    adapters = {fmt: as_xtuner_writes_it(soften(make_adapter(base, base_dir / f"adapter-{fmt}", XTUNER,
+                                                             safe=fmt == "safetensors")))
                 for fmt in ("safetensors", "bin")}
     other = build_internlm2(base_dir / "other-base", hidden=32)
     wrong = make_adapter(other, base_dir / "adapter-wrong", dict(XTUNER, target_modules=["wqkv", "wo"]), safe=True)
     urls = {name: tinymodel.publish(folder, base_dir / f"{name}.git") for name, folder in
             {"base": base, "safetensors": adapters["safetensors"], "bin": adapters["bin"], "wrong": wrong}.items()}
     return {"base": base, "adapters": adapters, "urls": urls, "dir": base_dir}
+
+
+def as_xtuner_writes_it(folder: Path) -> Path:
+    """`xtuner convert pth_to_hf`'s file set: peft's files plus xtuner_config.py, and the training machine's path
+    as base_model_name_or_path."""
+    (folder / "xtuner_config.py").write_text("lora = dict(r=8, lora_alpha=16, lora_dropout=0.1)\n")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "/root/ft/model"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def soften(folder: Path, factor: float = 0.5) -> Path:
@@ -130,6 +141,7 @@ def test_the_check_names_an_adapter_and_checks_its_base(world: dict, app_modules
     text = lines(good)
     print(text)
     assert good.ok and "✓ 2 LoRA adapter: r=8, lora_alpha=16" in text and "✓ base 5 weights" in text
+    assert "'/root/ft/model' (a path on the training machine: never downloaded" in text
     assert "✓ 4 adapter fits the base" in text and "✓ base 7 fits cpu" in text and "✓ 6 adapter in LFS" in text
     lone = lines(check.check_repo(world["urls"]["safetensors"], "main", "cpu"))
     assert "✗ 3 base model: this repo holds a LoRA adapter" in lone and "internlm2-chat-1.8b" in lone

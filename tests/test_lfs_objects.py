@@ -156,9 +156,10 @@ def test_the_check_sends_the_token_only_as_a_header(rc, host_root, capfd):
 def test_lfsconfig_url_is_where_the_objects_are_asked(app_modules, tmp_path: Path):
     from xlab_chat.model import lfs_objects
 
-    (tmp_path / ".lfsconfig").write_text('[lfs]\n\turl = "https://lfs.example/objects"\n'.replace('"', ""))
-    assert lfs_objects.lfs_endpoint("https://hub.example/o/r.git", tmp_path / ".lfsconfig") == \
-        "https://lfs.example/objects"
+    for line in ('\turl = https://lfs.example/objects/', '\turl = "https://lfs.example/objects"'):  # git allows both
+        (tmp_path / ".lfsconfig").write_text(f"[core]\n\turl = elsewhere\n[lfs]\n{line}\n")
+        assert lfs_objects.lfs_endpoint("https://hub.example/o/r.git", tmp_path / ".lfsconfig") == \
+            "https://lfs.example/objects"
     assert lfs_objects.lfs_endpoint("https://hub.example/o/r") == "https://hub.example/o/r.git/info/lfs"
 
 

@@ -247,7 +247,9 @@ def test_adapter_for_another_hidden_size_is_rejected(bases: dict, tmp_path: Path
     # the stdlib-only check sees the same from the safetensors header, without importing torch
     code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]);"
             " from xlab_chat.model import adapter as c;"
-            " p = c.check_adapter_folder(Path(sys.argv[2]), json.load(open(sys.argv[3])));"
+            " folder = Path(sys.argv[2]);"
+            " p = c.check_adapter_shapes(c.read_safetensors_shapes(folder / 'adapter_model.safetensors'),"
+            " json.load(open(sys.argv[3])), c.read_adapter_config(folder));"
             " assert 'torch' not in sys.modules; print(len(p))")
     out = subprocess.run([sys.executable, "-c", code, str(TEMPLATE_APP), str(folder),
                           str(bases["brief"] / "config.json")],

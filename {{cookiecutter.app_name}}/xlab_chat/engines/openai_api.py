@@ -158,8 +158,8 @@ def _reason(error: BaseException) -> str:
 class Request:
     """One streamed reply; ``cancel()`` closes its connection, which aborts it on the server."""
 
-    def __init__(self, owner: "OpenAIEngine", emit: Emit) -> None:
-        self.owner, self.emit = owner, emit
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
         self.cancelled = threading.Event()
         self.sock: Optional[socket.socket] = None  # kept apart: http.client drops its own reference early
         self.lock = threading.Lock()
@@ -191,7 +191,7 @@ class OpenAIEngine:
 
     def chat(self, system: str, history: List[protocol.Message], message: str, max_new_tokens: int,
              temperature: float, top_p: float, repetition_penalty: float, emit: Emit) -> Request:
-        request = Request(self, emit)
+        request = Request(emit)
         messages = ([{"role": "system", "content": system}] if system else []) + list(history) + [
             {"role": "user", "content": message}]
         body = {"model": self.endpoint.model, "messages": messages, "stream": True, "max_tokens": max_new_tokens,

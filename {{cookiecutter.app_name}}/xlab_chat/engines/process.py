@@ -104,7 +104,6 @@ class EngineProcess:
         self.requests: Dict[int, Request] = {}
         self.ids = itertools.count(1)
         self.label = ""
-        self.context = 0
         self.spec: Optional[LoadSpec] = None
         self.ready = False
         self.crashes: List[float] = []
@@ -160,6 +159,12 @@ class EngineProcess:
                                         repetition_penalty))
         return request
 
+    def _pass_on(self, request_id: int, item: object) -> None:
+        with self.lock:
+            request = self.requests.get(request_id)
+        if request is not None and not request.cancelled:
+            request.emit(item)
+
     def _finish(self, request_id: int, item: object) -> None:
         with self.lock:
             request = self.requests.pop(request_id, None)
@@ -176,22 +181,16 @@ class EngineProcess:
                 break
             kind = event["kind"]
             if kind == protocol.READY:
-                self.label, self.context, self.ready = event["label"], int(event["context"]), True
+                self.label, self.ready = event["label"], True
                 self.ready_since = time.monotonic()
                 self.status.engine_ready(self)
             elif kind == protocol.LOAD_FAILED:
                 self.close()  # an idle child would only hold memory
                 self.status.engine_failed(event["error"])
             elif kind == protocol.TEXT:
-                with self.lock:
-                    request = self.requests.get(event["id"])
-                if request is not None and not request.cancelled:
-                    request.emit(event["text"])
+                self._pass_on(event["id"], event["text"])
             elif kind == protocol.DROPPED:
-                with self.lock:
-                    request = self.requests.get(event["id"])
-                if request is not None and not request.cancelled:
-                    request.emit(protocol.Dropped(int(event["turns"])))
+                self._pass_on(event["id"], protocol.Dropped(int(event["turns"])))
             elif kind == protocol.DONE:
                 self._finish(event["id"], protocol.FINISHED)
             elif kind == protocol.TOO_LONG:
@@ -220,8 +219,7 @@ class EngineProcess:
             self.status.engine_failed(f"the model process could not start ({why}) — see the log above; usually"
                                       " torch is missing or broken: pip install -r requirements.txt")
             return
-        refusal = no_restart(self.crashes, was_ready and self.spec is not None, "the model process", why,
-                             self.ready_since)
+        refusal = no_restart(self.crashes, was_ready, "the model process", why, self.ready_since)
         if refusal:
             self.status.engine_failed(refusal)
             return

@@ -140,9 +140,9 @@ class ServerEngine:
             self.close()
             self.status.engine_failed(f"{self.name} could not start ({type(error).__name__}: {error}) — see the log")
             return
+        self.label = f"{self.name} · {folder.name}"
         self.client = OpenAIEngine(endpoint, self.label, {"repetition_penalty": True} if not self.engine_command
-                                   else None, on_lost=lambda: server.poll() is not None or self._wait_dead(server))
-        self.label = self.client.label = f"{self.name} · {folder.name}"
+                                   else None, on_lost=lambda: self._wait_dead(server))
         self.ready, self.ready_since = True, time.monotonic()
         threading.Thread(target=self._watch, args=(server,), name="engine-watch", daemon=True).start()
         self.status.engine_ready(self)

@@ -51,7 +51,7 @@ class Worker:
             self.send({"kind": protocol.LOAD_FAILED, "error": f"{error}", "type": type(error).__name__})
             return
         self.engine = engine
-        self.send({"kind": protocol.READY, "label": engine.placement.label, "context": engine.context_length})
+        self.send({"kind": protocol.READY, "label": engine.placement.label})
 
     def chat(self, command: dict) -> None:
         from .transformers_engine import Generation

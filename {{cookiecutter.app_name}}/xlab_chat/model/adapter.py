@@ -351,19 +351,3 @@ def check_adapter_shapes(shapes: Mapping[str, Sequence[int]], config: Mapping[st
                                 f"(rank_pattern included); the scale alpha/r would be wrong. Use the "
                                 f"adapter_config.json saved together with these weights.")
     return problems
-
-
-def check_adapter_folder(folder: Path, base_config: Mapping[str, object]) -> List[str]:
-    """Config validity plus shapes (safetensors adapters: header only; .bin cannot be read without torch)."""
-    try:
-        adapter = read_adapter_config(folder)
-        path = adapter_weights_file(folder)
-    except AdapterError as exc:
-        return [str(exc)]
-    if path.suffix != ".safetensors":
-        return []
-    try:
-        shapes = read_safetensors_shapes(path)
-    except AdapterError as exc:
-        return [str(exc)]
-    return check_adapter_shapes(shapes, base_config, adapter)

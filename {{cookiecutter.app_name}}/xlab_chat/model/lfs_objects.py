@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlsplit
 
 from .git_tools import auth_header
+from .source import same_host
 
 LFS_JSON = "application/vnd.git-lfs+json"
 BATCH_SIZE = 100  # the spec lets servers cap a batch; 100 is what git-lfs itself sends
@@ -69,8 +70,9 @@ def lfs_endpoint(git_url: str, lfsconfig: Optional[Path] = None) -> str:
                 section = line.strip("[]").strip().lower()
             elif section == "lfs" and "=" in line:
                 key, _, value = line.partition("=")
-                if key.strip().lower() == "url" and value.strip():
-                    return value.strip().rstrip("/")
+                value = value.strip().strip('"')  # git config values may be quoted
+                if key.strip().lower() == "url" and value:
+                    return value.rstrip("/")
     base = git_url.rstrip("/")
     return (base if base.endswith(".git") else base + ".git") + "/info/lfs"
 
@@ -141,7 +143,7 @@ def _batch(endpoint: str, chunk: Sequence[LFSObject], token: str, user: str, tim
     if ref:
         body["ref"] = {"name": ref}
     headers = {"Accept": LFS_JSON, "Content-Type": LFS_JSON, "User-Agent": "git-lfs/3 (xlab-chat-template check)"}
-    if token and urlsplit(endpoint).hostname == urlsplit(repo_url).hostname:  # never to another host
+    if token and same_host(endpoint, repo_url):  # never to another host
         name, _, value = auth_header(token, user).partition(": ")
         headers[name] = value
     request = urllib.request.Request(endpoint + "/objects/batch", data=json.dumps(body).encode(), headers=headers,
