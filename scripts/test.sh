@@ -21,9 +21,17 @@ python=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 
-# The oldest supported stack (gradio 4.44, transformers 4.46) for the second end-to-end run.
-[ -x .venvs/legacy/bin/python ] || "$python" -m venv .venvs/legacy
-.venvs/legacy/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venvs/legacy/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements-legacy.txt
+# The oldest supported stack: exactly the pins Python 3.8 gets (gradio 4.44, transformers 4.46), on this
+# interpreter (the only CPU torch in reach is the 3.11 wheel), for the second end-to-end run. It is made
+# afresh whenever those pins change, so no package of an older set lingers.
+legacy_pins=$(.venv/bin/python scripts/pins_for_python.py remote-code 3.8)
+if [ ! -x .venvs/legacy/bin/python ] || [ "$(cat .venvs/legacy/pins.txt 2>/dev/null)" != "$legacy_pins" ]; then
+  rm -rf .venvs/legacy
+  "$python" -m venv .venvs/legacy
+  .venvs/legacy/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  printf '%s\n' "$legacy_pins" > .venvs/legacy/pins.wanted
+  .venvs/legacy/bin/python -m pip install -q --disable-pip-version-check -r .venvs/legacy/pins.wanted
+  mv .venvs/legacy/pins.wanted .venvs/legacy/pins.txt
+fi
 
 exec .venv/bin/python -m pytest "$@"

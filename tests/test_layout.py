@@ -77,6 +77,12 @@ def test_github_actions_answer_adds_or_leaves_out_the_workflow(tmp_path: Path):
     install = next(step for name, step in steps.items() if name.startswith("Install"))
     lines = install["run"].split("\n")
     assert "whl/cpu" in lines[0] and "requirements.txt" in lines[1]  # CPU torch first: requirements keep it
+    # Weekly too: a platform rebuild that would break the pinned app is heard of before users meet it.
+    triggers = workflow(folder)[True]  # YAML 1.1 reads the key `on` as true
+    assert {"push", "schedule"} <= set(triggers)
+    (cron,) = [entry["cron"] for entry in triggers["schedule"]]
+    minute, hour, day, month, weekday = cron.split()
+    assert day == month == "*" and weekday.isdigit() and minute.isdigit() and hour.isdigit()
 
 
 def test_workflow_steps_run_here(tmp_path: Path, tiny_model: Path):
