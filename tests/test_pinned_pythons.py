@@ -63,7 +63,7 @@ def app_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", params=[OLDEST, NEWEST])
 def pinned_venv(request: pytest.FixtureRequest, app_folder: Path, tmp_path_factory: pytest.TempPathFactory):
-    """(python, venv interpreter) with the rendered requirements.txt installed, torch's lines left out."""
+    """(python, venv interpreter, pins) with the rendered requirements.txt installed, torch's lines left out."""
     version = request.param
     text = (app_folder / "requirements.txt").read_text(encoding="utf-8")
     without_torch = tmp_path_factory.mktemp(f"pins-{version}") / "requirements.txt"
@@ -73,7 +73,10 @@ def pinned_venv(request: pytest.FixtureRequest, app_folder: Path, tmp_path_facto
     python = venv / "bin" / "python"
     if not python.exists():
         run([interpreter(version), "-m", "venv", "--clear", str(venv)], 300)
-    run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(without_torch)], 900)
+    # --no-deps: the pins must be the whole set (pip check below proves nothing is missing), and accelerate's
+    # torch requirement would otherwise pull PyPI's torch with gigabytes of CUDA wheels.
+    run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-r",
+         str(without_torch)], 900)
     return version, str(python), pinned_for(text, version)
 
 
