@@ -113,7 +113,7 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict, line: Waiting
             return
         ticket = line.join()
         if ticket is None:
-            raise gr.Error(t["queue_full"].format(waiting=line.waiting))
+            raise gr.Error(t["queue_full"].format(waiting=line.waiting), **accepted(gr.Error, title=t["busy"]))
         try:  # Stop or a closed tab while waiting or streaming ends here too, and frees the place or the slot
             async for ahead in line.turn(ticket):
                 yield t["queue_place"].format(place=ahead + 1)
