@@ -42,7 +42,6 @@ TEXT: Dict[str, Dict[str, str]] = {
         "engine_stopped": "模型进程意外退出，这条回复没有写完。模型正在重新加载，稍后请重新发送。",
         "still_restarting": "模型正在重新加载，请稍后再试。",
         "queue_place": "⏳ 正在排队：你是第 {place} 位。轮到你时会自动开始回复，请不要关闭页面。",
-        "busy": "请稍后再试",
         "queue_full": "现在使用的人太多，排队已满（{waiting} 人在等待）。请过一会儿再发送。",
     },
     "en": {
@@ -85,7 +84,6 @@ TEXT: Dict[str, Dict[str, str]] = {
         "still_restarting": "The model is reloading. Please try again in a moment.",
         "queue_place": "⏳ You are number {place} in line. Your reply starts by itself when it is your turn; keep this "
         "page open.",
-        "busy": "Busy: try again soon",
         "queue_full": "Too many people are chatting right now: the queue is full ({waiting} waiting). "
         "Please send your message again in a moment.",
     },

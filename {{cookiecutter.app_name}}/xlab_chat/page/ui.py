@@ -112,8 +112,9 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict, line: Waiting
             yield not_ready(status, t)
             return
         ticket = line.join()
-        if ticket is None:
-            raise gr.Error(t["queue_full"].format(waiting=line.waiting), **accepted(gr.Error, title=t["busy"]))
+        if ticket is None:  # said in the chat: gr.Error would also cover the chat with a bare "Error" badge
+            yield "⏳ " + t["queue_full"].format(waiting=line.waiting)
+            return
         try:  # Stop or a closed tab while waiting or streaming ends here too, and frees the place or the slot
             async for ahead in line.turn(ticket):
                 yield t["queue_place"].format(place=ahead + 1)
