@@ -74,11 +74,11 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
-async def batches(inbox: Inbox, cadence: Callable[[], float]) -> AsyncIterator[List[object]]:
-    """The inbox's items, batched: the first at once, then one batch per cadence, an end as soon as it comes."""
+async def batches(inbox: Inbox, pace: Callable[[], float]) -> AsyncIterator[List[object]]:
+    """The inbox's items, batched: the first at once, then one batch per ``pace()`` seconds, an end at once."""
     loop = asyncio.get_running_loop()
     next_due = 0.0
     while True:
         items = await inbox.take(next_due)
         yield items
-        next_due = loop.time() + cadence()
+        next_due = loop.time() + pace()
