@@ -181,7 +181,7 @@ def measure_users(source: Source, app_url: str, page_pid: int, users: int, token
             else:
                 reader = QueueReader(app_url, "/chat")  # read-only once built: each call has its own session
                 before = sum(page.cpu_times()[:2])
-                got = wave(users, lambda: page_stream(reader, tokens))
+                got = wave(users, lambda reader=reader: page_stream(reader, tokens))
                 page_cpu = sum(page.cpu_times()[:2]) - before
                 failed += got["failed"]
                 if got["failed"]:
@@ -259,13 +259,33 @@ def measure_source(name: str, source: Source, work: Path, users: List[int], toke
         app.stop()
 
 
+def own_engine_stream(tokens: int, runs: int) -> dict:
+    """Single-stream efficiency on the app's own engine (engine=transformers, CPU): bench/app_bench's measurement
+    (gradio_client and the browser-like reader ÷ plain generate in its own process, rotating) on its own."""
+    from app_bench import _stream, setup, start_app, wait_ready
+
+    work = OUT / "crowd-own"
+    world = setup(work)
+    env = {"MODEL_REPO": Path(world["remote_root"] / "model.git").as_uri(), "MODEL_DIR": str(work / "weights"),
+           "DTYPE": "float32", "HARDWARE": "cpu"}
+    app = start_app(world["app"], env, work / "app.log")
+    try:
+        ready = wait_ready(app.url, app.process)
+        got = _stream(ready["client"], app.url, work / "weights", tokens, runs)
+    finally:
+        app.stop()
+    return {key: got[key] for key in ("stream_efficiency", "stream_ratios", "reader_stream_efficiency",
+                                      "plain_tok_s", "http_tok_s", "params")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rate", type=float, default=25.0, help="paced server: tokens/s per stream")
     parser.add_argument("--runs", type=int, default=3, help="alternating page/direct waves per user count")
-    parser.add_argument("--sources", nargs="+", default=["paced", "serve"], choices=["paced", "serve"])
+    parser.add_argument("--sources", nargs="+", default=["paced", "serve", "own"], choices=["paced", "serve", "own"],
+                        help="own: single-stream efficiency on the app's own engine (engine=transformers)")
     parser.add_argument("--json")
     args = parser.parse_args()
     work = OUT / "crowd-bench"
@@ -276,6 +296,9 @@ def main() -> None:
     results: dict = {"machine": machine(), "cpu_flags": flags, "tokens": args.tokens, "rate": args.rate,
                      "load_average_before": os.getloadavg()}
     for name in args.sources:
+        if name == "own":
+            results["own"] = own_engine_stream(args.tokens, 2 * args.runs + 1)
+            continue
         source = paced_source(args.rate, args.tokens, work) if name == "paced" else serve_source(work)
         try:
             results[name] = measure_source(name, source, work, args.users, args.tokens, args.runs)
