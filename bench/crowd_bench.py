@@ -101,7 +101,10 @@ def serve_source(work: Path) -> Source:
         tinymodel.build_chat_model(model)
     port = free_port()
     command = [TRANSFORMERS, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-               "--dtype", "float32", "--continuous-batching"]
+               "--dtype", "float32", "--continuous-batching",
+               # A bounded paged KV cache (32k tokens, 16 MB for this model): left to size itself on the CPU, it
+               # grew past 14 GB here and the kernel killed it.
+               "--cb-block-size", "32", "--cb-num-blocks", "1024", "--cb-max-batch-tokens", "2048"]
     return Source(command, port, str(model), work / "serve.log")
 
 
@@ -302,8 +305,11 @@ def main() -> None:
         source = paced_source(args.rate, args.tokens, work) if name == "paced" else serve_source(work)
         try:
             results[name] = measure_source(name, source, work, args.users, args.tokens, args.runs)
+        except Exception as error:  # keep the other sources' figures
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
         finally:
             source.stop()
+        write(results, args.json)
     results["load_average_after"] = os.getloadavg()
     write(results, args.json)
 
