@@ -124,7 +124,8 @@ class Chat:
         self.error: Optional[str] = None
         self.first_text_s: Optional[float] = None
 
-    def run(self, leave_after_text: bool = False) -> None:
+    def run(self, leave_at: Optional[str] = None) -> None:
+        """Read to the end, or close the connection (a closed tab) at the first update starting with leave_at."""
         host, port = self.url.split("//")[1].split(":")
         started = time.monotonic()
         connection = http.client.HTTPConnection(host, int(port), timeout=120)
@@ -144,9 +145,9 @@ class Chat:
                     self.final = text
                 if text.startswith("word") and self.first_text_s is None:
                     self.first_text_s = time.monotonic() - started
-                    if leave_after_text:  # the tab closes mid-reply
-                        connection.sock.close()
-                        return
+                if leave_at is not None and text.startswith(leave_at):
+                    connection.sock.close()
+                    return
             elif line.startswith("data:") and event == "error":
                 self.error = line[5:].strip()
         connection.close()
@@ -175,7 +176,7 @@ def wave(app: AppProcess, users: int, within_s: float, leaving: set) -> List[Cha
 
     def user(index: int) -> None:
         time.sleep(max(0.0, began + moments[index] - time.monotonic()))
-        chats[index].run(leave_after_text=index in leaving)
+        chats[index].run(leave_at="word" if index in leaving else None)  # some tabs close mid-reply
 
     threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
     for thread in threads:
@@ -216,15 +217,20 @@ def test_two_hundred_users_in_ten_seconds_all_get_replies_and_nothing_leaks(crow
 
 @pytest.mark.e2e
 def test_waiting_users_see_their_place_and_a_full_line_is_told_in_chinese(tmp_path: Path):
-    with PacedServer(rate=20, tokens=40) as server:
+    with PacedServer(rate=20, tokens=200) as server:
         folder = render(tmp_path / "out", engine="openai", engine_url=server.url, engine_model=MODEL,
                         ui_language="zh", validate_model_repo=False)
         app = AppProcess(folder, {"CONCURRENCY_LIMIT": "1", "QUEUE_SIZE": "2"}, tmp_path / "app.log")
         try:
             app.wait_stage(("ready",))
-            chats = [Chat(app.url, f"你好 {i}", 40) for i in range(3)]
-            runners = []
-            for chat in chats:  # one streams, two wait, in this order
+            chats = [Chat(app.url, f"你好 {i}", tokens) for i, tokens in enumerate((200, 40, 40))]  # 10 s, 2 s, 2 s
+            runners = [threading.Thread(target=chats[0].run)]
+            runners[0].start()
+            time.sleep(0.4)
+            leaver = Chat(app.url, "我先走了", 40)
+            leaver.run(leave_at="⏳")  # waits first in line, then closes the tab: the place must be freed
+            time.sleep(6)  # the page repeats a place every 5 s, so gradio learns the tab is gone
+            for chat in chats[1:]:  # two wait, in this order
                 runners.append(threading.Thread(target=chat.run))
                 runners[-1].start()
                 time.sleep(0.4)
@@ -236,9 +242,9 @@ def test_waiting_users_see_their_place_and_a_full_line_is_told_in_chinese(tmp_pa
             app.stop()
     assert one_too_many.error is None
     assert one_too_many.final == "⏳ 现在使用的人太多，排队已满（2 人在等待）。请过一会儿再发送。"
+    assert leaver.updates == ["⏳ 正在排队：你是第 1 位。轮到你时会自动开始回复，请不要关闭页面。"]
     assert chats[1].updates[0] == "⏳ 正在排队：你是第 1 位。轮到你时会自动开始回复，请不要关闭页面。"
     assert chats[2].updates[0].startswith("⏳ 正在排队：你是第 2 位")
     assert any(update.startswith("⏳ 正在排队：你是第 1 位") for update in chats[2].updates)  # moved up
-    expected = "".join(f"word{i} " for i in range(40))
-    assert [chat.final for chat in chats] == [expected] * 3
+    assert [chat.final for chat in chats] == ["".join(f"word{i} " for i in range(n)) for n in (200, 40, 40)]
     assert server.stats()["peak"] == 1

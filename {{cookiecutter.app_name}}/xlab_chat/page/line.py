@@ -45,13 +45,18 @@ class WaitingLine:
         self._waiting.append(ticket)
         return ticket
 
-    async def turn(self, ticket: Ticket, every: float = 1.0) -> AsyncIterator[int]:
-        """How many are ahead, each time that changes (at most every ``every`` seconds), until the turn comes."""
-        shown = -1
+    async def turn(self, ticket: Ticket, every: float = 1.0, again: float = 5.0) -> AsyncIterator[int]:
+        """How many are ahead, each time that changes (checked every ``every`` seconds), until the turn comes.
+
+        The same number is also repeated every ``again`` seconds: gradio notices a closed tab only when it has
+        something to send, and a user who left must not keep their place until their turn.
+        """
+        loop = asyncio.get_running_loop()
+        shown, shown_at = -1, 0.0
         while not ticket.granted:
             ahead = self._waiting.index(ticket)
-            if ahead != shown:
-                shown = ahead
+            if ahead != shown or loop.time() - shown_at >= again:
+                shown, shown_at = ahead, loop.time()
                 yield ahead
             await asyncio.wait({ticket.turn}, timeout=every)
 
