@@ -155,9 +155,9 @@ class Chat:
 
 @pytest.fixture(scope="module")
 def crowd(tmp_path_factory: pytest.TempPathFactory):
-    """engine=openai, default settings, in front of a server that slows down above 32 open streams."""
+    """engine=openai, default settings, in front of a server that slows down above 16 open streams."""
     base = tmp_path_factory.mktemp("crowd")
-    with PacedServer(rate=20, tokens=30, first_delay=0.05, slow_above=32) as server:
+    with PacedServer(rate=20, tokens=30, first_delay=0.05, slow_above=16) as server:
         folder = render(base / "out", engine="openai", engine_url=server.url, engine_model=MODEL, ui_language="en",
                         validate_model_repo=False)
         app = AppProcess(folder, {}, base / "app.log")
@@ -204,12 +204,15 @@ def test_two_hundred_users_in_ten_seconds_all_get_replies_and_nothing_leaks(crow
         assert all(chats[i].first_text_s is not None for i in leaving)
         assert after["hangups"] - before["hangups"] == len(leaving)  # each closed tab closed its upstream request
         assert after["finished"] - before["finished"] == len(stayed)
-        assert after["peak"] <= 64  # the default for a server engine, never more
+        # The default for a server engine is reached: at 64 streams each gets 5 tokens/s, so more users arrive than
+        # leave (gradio alone would run 40 at most: its default max_threads). Above it only by streams whose user
+        # left: the server learns of a closed connection at its next write, after the page gave the slot away.
+        assert 64 <= after["peak"] <= 64 + len(leaving), after
+        assert any(update.startswith("⏳ You are number") for chat in chats for update in chat.updates)
         time.sleep(2)
         rss.append(page.memory_info().rss)
         threads.append(page.num_threads())
     assert app.status()["generating"] == 0
-    assert server.stats()["peak"] > 32  # the server did slow down under load
     assert rss[1] <= rss[0] + 20 * 2**20, [r >> 20 for r in rss]
     assert threads[1] <= threads[0] + 2, threads
     assert "Traceback" not in app.log

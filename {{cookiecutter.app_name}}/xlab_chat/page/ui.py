@@ -276,8 +276,11 @@ def serve(settings: Settings, status: ModelStatus, look: PageLook, boot_test: bo
     # No max_size: gradio's queue only passes events through (none waits there), and the WaitingLine tells a user
     # in their language when it is full.
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=None)
+    # gradio runs at most max_threads events at once (40 by default), users waiting in the page's line included;
+    # 40 more for the quick ones (each open tab's status poll).
+    workers = settings.concurrency_limit + settings.queue_size + 40
     options = dict(server_name=settings.server_name, server_port=settings.server_port, show_error=True,
-                   **accepted(demo.launch, theme=theme))
+                   max_threads=workers, **accepted(demo.launch, theme=theme))
     if not boot_test:
         demo.launch(**options)
         return
