@@ -171,6 +171,7 @@ def measure_users(source: Source, app_url: str, page_pid: int, users: int, token
                   count: Callable[[dict], int]) -> dict:
     page = psutil.Process(page_pid)
     ratios, page_firsts, direct_firsts, cpu_per_1000, client_share, failed = [], [], [], [], [], 0
+    all_walls: Dict[str, List[float]] = {"page": [], "direct": []}
     for run in range(runs):
         order = ("page", "direct") if run % 2 == 0 else ("direct", "page")
         walls: Dict[str, float] = {}
@@ -194,10 +195,11 @@ def measure_users(source: Source, app_url: str, page_pid: int, users: int, token
                 cpu_per_1000.append(1000 * page_cpu / max(1, forwarded))
                 client_share.append(got["client_cpu"] / got["wall"])
             walls[side] = got["wall"]
+            all_walls[side].append(round(got["wall"], 2))
         if len(walls) == 2:
             ratios.append(walls["page"] / walls["direct"])
     return {
-        "users": users, "runs": runs, "failed_page_replies": failed,
+        "users": users, "runs": runs, "failed_page_replies": failed, "walls_s": all_walls,
         "wall_ratio": median(ratios) if ratios else None, "wall_ratios": [round(r, 3) for r in ratios],
         "page_first_p50_s": median(page_firsts) if page_firsts else None,
         "page_first_p95_s": percentile(page_firsts, 0.95) if page_firsts else None,
