@@ -23,6 +23,7 @@ RUNTIME = {
     "xlab_chat/engines/server.py", "xlab_chat/engines/lora.py", "xlab_chat/model/adapter.py",
     "xlab_chat/model/adapter_check.py",
     "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",
+    "xlab_chat/page/line.py", "xlab_chat/page/stream.py",
 }
 EXPECTED_FILES = {
     ".gitignore", "README.md", "app.py", "settings.json", "ms_deploy.json", "packages.txt", "requirements.txt",

@@ -23,6 +23,10 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
 QUANTIZE_CHOICES = ("auto", "none", "int8")
 ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "openai")
+SERVER_ENGINES = ("lmdeploy", "vllm", "openai")
+# Replies streamed at once. A server engine batches dozens of streams on one GPU (continuous batching; vLLM
+# and LMDeploy batch up to 256 by default); the app's own engine runs one generate() per reply, unbatched.
+DEFAULT_CONCURRENCY = {"transformers": 1, "lmdeploy": 64, "vllm": 64, "openai": 64}
 LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.
@@ -31,7 +35,8 @@ RANGES = {
     "TEMPERATURE": (0.0, 2.0),
     "TOP_P": (0.01, 1.0),
     "REPETITION_PENALTY": (1.0, 2.0),
-    "CONCURRENCY_LIMIT": (1, 64),
+    "CONCURRENCY_LIMIT": (1, 256),
+    "QUEUE_SIZE": (0, 2048),
     "GRADIO_SERVER_PORT": (1, 65535),
     "ENGINE_TIMEOUT": (1.0, 3600.0),
     "ENGINE_START_TIMEOUT": (10.0, 7200.0),
@@ -62,6 +67,7 @@ class Settings:
     top_p: float
     repetition_penalty: float
     concurrency_limit: int
+    queue_size: int  # users who may wait for a free slot; one more is told the queue is full
     server_name: str
     server_port: int
     keep_lfs_cache: bool
@@ -135,6 +141,11 @@ def _command_line(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def default_queue_size(concurrency: int) -> int:
+    """Room for four rounds of replies plus a few: a class arriving at once waits instead of being turned away."""
+    return 4 * concurrency + 16
+
+
 def _default_server_name(env: Mapping[str, str]) -> str:
     """Loopback on a laptop; all interfaces where a hosting platform routes traffic in."""
     on_platform = any(key in env for key in ("SPACE_ID", "MODELSCOPE_ENVIRONMENT", "OPENXLAB_APP_ID"))
@@ -159,6 +170,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
                             " (e.g. http://10.0.0.5:23333/v1) and the model name its /v1/models lists")
     if not model_repo and not model_path and engine != "openai":
         raise SettingsError("MODEL_REPO is empty — set MODEL_REPO to the model's git URL or MODEL_PATH to a folder")
+    concurrency = _number(env, "CONCURRENCY_LIMIT", DEFAULT_CONCURRENCY[engine], int)
     return Settings(
         app_title=text("app_title"),
         description=text("description"),
@@ -177,7 +189,8 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         temperature=_number(env, "TEMPERATURE", defaults.get("temperature", 0.8), float),
         top_p=_number(env, "TOP_P", defaults.get("top_p", 0.8), float),
         repetition_penalty=_number(env, "REPETITION_PENALTY", defaults.get("repetition_penalty", 1.005), float),
-        concurrency_limit=_number(env, "CONCURRENCY_LIMIT", 1, int),
+        concurrency_limit=concurrency,
+        queue_size=_number(env, "QUEUE_SIZE", default_queue_size(concurrency), int),
         server_name=env.get("GRADIO_SERVER_NAME") or _default_server_name(env),
         server_port=_number(env, "GRADIO_SERVER_PORT", 7860, int),
         keep_lfs_cache=_flag(env, "KEEP_LFS_CACHE"),

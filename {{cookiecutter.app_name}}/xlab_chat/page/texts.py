@@ -41,6 +41,8 @@ TEXT: Dict[str, Dict[str, str]] = {
         "restarting": "模型进程意外退出，正在重新加载",
         "engine_stopped": "模型进程意外退出，这条回复没有写完。模型正在重新加载，稍后请重新发送。",
         "still_restarting": "模型正在重新加载，请稍后再试。",
+        "queue_place": "⏳ 正在排队：你是第 {place} 位。轮到你时会自动开始回复，请不要关闭页面。",
+        "queue_full": "现在使用的人太多，排队已满（{waiting} 人在等待）。请过一会儿再发送。",
     },
     "en": {
         "model": "Model",
@@ -80,6 +82,10 @@ TEXT: Dict[str, Dict[str, str]] = {
         "engine_stopped": "The model process stopped before this reply was finished. The model is reloading: "
         "please send your message again in a moment.",
         "still_restarting": "The model is reloading. Please try again in a moment.",
+        "queue_place": "⏳ You are number {place} in line. Your reply starts by itself when it is your turn; keep this "
+        "page open.",
+        "queue_full": "Too many people are chatting right now: the queue is full ({waiting} waiting). "
+        "Please send your message again in a moment.",
     },
 }
 

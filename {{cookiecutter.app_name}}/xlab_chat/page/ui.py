@@ -7,14 +7,15 @@ place and only the keyword arguments the installed version takes are passed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import importlib.util
 import inspect
 import json
+import sys
 import time
 import traceback
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import AsyncIterator, Callable, Optional, Tuple
 
 import gradio as gr
 
@@ -23,6 +24,8 @@ from ..model.repo_url import RepoURLError, normalise
 from ..settings import Settings
 from ..startup import ModelStatus
 from .history import clean_text, normalise_history
+from .line import WaitingLine
+from .stream import Inbox, batches, cadence
 from .texts import texts
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
@@ -97,7 +100,7 @@ def status_markdown(state: dict, t: dict) -> str:
     return f"⏳ {t.get(stage, stage)}… · {elapsed}"
 
 
-def make_respond(settings: Settings, status: ModelStatus, t: dict):
+def make_respond(settings: Settings, status: ModelStatus, t: dict, line: WaitingLine):
     async def respond(message, history, system_prompt=settings.system_prompt, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, top_p=settings.top_p,
                       repetition_penalty=settings.repetition_penalty):
@@ -105,59 +108,81 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict):
         if not message.strip():
             yield t["empty"]
             return
-        engine = status.engine
-        if engine is None:
-            stage = status.snapshot()["stage"]
-            waiting = t["still_restarting"] if stage == "restarting" else t["still_loading"].format(
-                percent=status.percent)
-            yield t["not_ready_failed"] if stage == "failed" else waiting
+        if status.engine is None:
+            yield not_ready(status, t)
             return
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
-
-        def emit(item: object) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-        request = engine.chat(clean_text(system_prompt or ""), normalise_history(history), message,
-                              int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty), emit)
-        reply, finished = "", False
-        try:
-            while not finished:
-                before = reply
-                items = [await inbox.get()]
-                while not inbox.empty():  # send what piled up as one update
-                    items.append(inbox.get_nowait())
-                for item in items:
-                    if item is protocol.FINISHED:
-                        finished = True
-                    elif isinstance(item, protocol.Dropped):
-                        gr.Info(t["dropped"].format(count=item.turns))
-                    elif isinstance(item, protocol.InputTooLong):
-                        finished, reply = True, (t["too_long"].format(tokens=item.tokens, limit=item.limit)
-                                                 if item.limit > 0 else t["too_long_server"])
-                    elif isinstance(item, protocol.EngineStopped):
-                        finished = True
-                        reply += ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"]
-                    elif isinstance(item, protocol.GenerationFailed) and item.kind == "EndpointError":
-                        finished = True  # the engine server's refusal says what happened and what to do
-                        reply += ("\n\n" if reply else "") + f"⚠️ {item}"
-                    elif isinstance(item, Exception):
-                        finished = True
-                        name = item.kind if isinstance(item, protocol.GenerationFailed) else type(item).__name__
-                        reply += "\n\n⚠️ " + t["generation_failed"].format(error=name)
-                    else:
-                        reply += item
-                if reply != before or (finished and not reply):
+        ticket = line.join()
+        if ticket is None:  # said in the chat: gr.Error would also cover the chat with a bare "Error" badge
+            yield "⏳ " + t["queue_full"].format(waiting=line.waiting)
+            return
+        try:  # Stop or a closed tab while waiting or streaming ends here too, and frees the place or the slot
+            async for ahead in line.turn(ticket):
+                yield t["queue_place"].format(place=ahead + 1)
+            engine = status.engine
+            if engine is None:  # the engine stopped while this user waited
+                yield not_ready(status, t)
+                return
+            inbox = Inbox(asyncio.get_running_loop())
+            request = engine.chat(clean_text(system_prompt or ""), normalise_history(history), message,
+                                  int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty),
+                                  inbox.put)
+            try:
+                async for reply in replies(inbox, t, lambda: cadence(line.active)):
                     yield reply
-        finally:  # Stop, a disconnect or the end: free the slot at once
-            request.cancel()
+            finally:  # Stop, a disconnect or the end: the engine stops at once
+                request.cancel()
+        finally:
+            line.leave(ticket)
 
     return respond
 
 
+def not_ready(status: ModelStatus, t: dict) -> str:
+    stage = status.snapshot()["stage"]
+    if stage == "failed":
+        return t["not_ready_failed"]
+    return t["still_restarting"] if stage == "restarting" else t["still_loading"].format(percent=status.percent)
+
+
+async def replies(inbox: Inbox, t: dict, pace: Callable[[], float]) -> AsyncIterator[str]:
+    """The reply so far, once per batch of the engine's items, until it ends."""
+    reply = ""
+    async for items in batches(inbox, pace):
+        before, finished = reply, False
+        for item in items:
+            reply, finished = add_item(reply, item, t)
+            if finished:
+                break
+        if reply != before or (finished and not reply):
+            yield reply
+        if finished:
+            return
+
+
+def add_item(reply: str, item: object, t: dict) -> Tuple[str, bool]:
+    """The reply with one item of the engine's stream added, and whether the reply is over."""
+    if item is protocol.FINISHED:
+        return reply, True
+    if isinstance(item, protocol.Dropped):
+        gr.Info(t["dropped"].format(count=item.turns))
+        return reply, False
+    if isinstance(item, protocol.InputTooLong):
+        if item.limit <= 0:  # the server said the prompt is over its context, not by how much
+            return t["too_long_server"], True
+        return t["too_long"].format(tokens=item.tokens, limit=item.limit), True
+    if isinstance(item, protocol.EngineStopped):
+        return reply + ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"], True
+    if isinstance(item, protocol.GenerationFailed) and item.kind == "EndpointError":
+        return reply + ("\n\n" if reply else "") + f"⚠️ {item}", True  # the server's refusal says what to do
+    if isinstance(item, Exception):
+        name = item.kind if isinstance(item, protocol.GenerationFailed) else type(item).__name__
+        return reply + "\n\n⚠️ " + t["generation_failed"].format(error=name), True
+    return reply + item, False
+
+
 def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: object = None) -> gr.Blocks:
     t = texts(settings.ui_language)
+    line = WaitingLine(settings.concurrency_limit, settings.queue_size)
     with gr.Blocks(title=look.title, **accepted(gr.Blocks, theme=theme)) as demo:
         gr.Markdown(f"# {look.title}\n{look.description}\n\n**{t['model']}:** {model_link(settings)}")
         status_line = gr.Markdown(status_markdown(status.snapshot(), t), elem_id="model-status")
@@ -173,7 +198,7 @@ def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: obj
                                         elem_id="chatbot", render=False))
         with gr.Column(elem_id="chat-area") as chat_area:
             gr.ChatInterface(
-                make_respond(settings, status, t),
+                make_respond(settings, status, t, line),
                 **accepted(
                     gr.ChatInterface,
                     chatbot=chatbot,
@@ -196,6 +221,7 @@ def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: obj
                     retry_btn=None,
                     undo_btn=None,
                     api_name="chat",
+                    concurrency_limit=None,  # every chat starts at once; the page's WaitingLine keeps the order
                 ),
             )
             if look.examples:  # fill the box only: ChatInterface's examples would also reset the sliders
@@ -223,6 +249,14 @@ def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: obj
     return demo
 
 
+def skip_absent_matplotlib() -> None:
+    """gradio 5+ tries ``import matplotlib`` twice for every streamed update. When it is not installed each try
+    searches every folder on sys.path again (a millisecond per update); a None in sys.modules makes Python answer
+    "not installed" at once, as it would anyway."""
+    if "matplotlib" not in sys.modules and importlib.util.find_spec("matplotlib") is None:
+        sys.modules["matplotlib"] = None  # type: ignore[assignment]
+
+
 def add_extra_components(look: PageLook) -> None:
     """The student's own components from app.py; a mistake there leaves them out with a message, not a dead page."""
     if look.extra is None:
@@ -238,9 +272,15 @@ def add_extra_components(look: PageLook) -> None:
 def serve(settings: Settings, status: ModelStatus, look: PageLook, boot_test: bool = False) -> None:
     theme = resolve_theme(look.theme)
     demo = build_ui(settings, status, look, theme)
-    demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=4 * settings.concurrency_limit + 16)
+    skip_absent_matplotlib()
+    # No max_size: gradio's queue only passes events through (none waits there), and the WaitingLine tells a user
+    # in their language when it is full.
+    demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=None)
+    # gradio runs at most max_threads events at once (40 by default), users waiting in the page's line included;
+    # 40 more for the quick ones (each open tab's status poll).
+    workers = settings.concurrency_limit + settings.queue_size + 40
     options = dict(server_name=settings.server_name, server_port=settings.server_port, show_error=True,
-                   **accepted(demo.launch, theme=theme))
+                   max_threads=workers, **accepted(demo.launch, theme=theme))
     if not boot_test:
         demo.launch(**options)
         return
