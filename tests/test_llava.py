@@ -24,7 +24,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel  # noqa: E402
-from xlab_chat.engines.llava import IMAGE_MARK, ImageError  # noqa: E402
+from xlab_chat.engines import images as img  # noqa: E402
+from xlab_chat.engines.llava import IMAGE_MARK  # noqa: E402
 from xlab_chat.engines.transformers_engine import Engine, Generation  # noqa: E402
 from xlab_chat.model.llava_layout import find_llava  # noqa: E402
 
@@ -45,6 +46,18 @@ def photo(width: int = 90, height: int = 50, seed: int = 0, mode: str = "RGB", f
     out = io.BytesIO()
     image.save(out, fmt)
     return out.getvalue()
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (what a decompression bomb looks like to a reader)."""
+    import struct
+    import zlib
+
+    data = bytearray(photo(8, 8))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = header[4:]
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
 
 
 # ------------------------------------------------------------------ the oracle, from XTuner's algorithm
@@ -256,19 +269,28 @@ def test_a_later_turn_image_opens_that_turn(world: dict) -> None:
 @pytest.mark.parametrize("case", ["not-an-image", "corrupt", "huge", "animated", "rgba", "palette"])
 def test_bad_uploads(world: dict, case: str) -> None:
     engine = app_engine(world, world["pretrain"])
-    big = Image.new("L", (12000, 12000))
     frames = [Image.new("RGB", (20, 20), c) for c in ("red", "blue")]
     animated = io.BytesIO()
     frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
-    huge = io.BytesIO()
-    big.save(huge, "PNG")
-    data = {"not-an-image": b"%PDF-1.4 not a picture", "corrupt": photo()[:200], "huge": huge.getvalue(),
+    data = {"not-an-image": b"%PDF-1.4 not a picture", "corrupt": photo()[:200], "huge": huge_png(12000, 12000),
             "animated": animated.getvalue(), "rgba": photo(mode="RGBA"), "palette": photo(mode="P")}[case]
     ids, _ = engine.fit_prompt("", [], QUESTION, TOKENS, images=[data])
     if case in ("rgba", "palette"):  # flattened and answered
         assert reply(engine, ids, [data])
         return
-    with pytest.raises(ImageError) as caught:
+    with pytest.raises(img.ImageError) as caught:
         reply(engine, ids, [data])
-    assert {"not-an-image": "not an image", "corrupt": "damaged", "huge": "too large",
-            "animated": "Animated"}[case] in str(caught.value)
+    assert caught.value.reason == {"not-an-image": img.NOT_IMAGE, "corrupt": img.CORRUPT, "huge": img.TOO_LARGE,
+                                   "animated": img.ANIMATED}[case]
+
+
+def test_too_many_images_and_text_only_models_are_refused(world: dict, tiny_model: Path) -> None:
+    engine = app_engine(world, world["pretrain"])
+    history = [{"role": "user", "content": "look", "images": [photo()]}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(img.ImageError) as caught:
+        engine.fit_prompt("", history, QUESTION, TOKENS, images=[photo(seed=1)])
+    assert caught.value.reason == img.TOO_MANY
+    text_only = Engine.load(tiny_model, "cpu", "float32")
+    with pytest.raises(img.ImageError) as caught:
+        text_only.fit_prompt("", [], QUESTION, TOKENS, images=[photo()])
+    assert caught.value.reason == img.TEXT_ONLY

@@ -17,7 +17,6 @@ model/utils.py ``prepare_inputs_labels_for_multimodal``, dataset/utils.py ``expa
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,40 +26,11 @@ import torch
 from torch import nn
 
 from ..model.llava_layout import LlavaLayout
+from .images import open_image
 
 IMAGE_MARK = -200  # where an image's embeddings go in a list of token ids (XTuner's IMAGE_TOKEN_INDEX)
 IMAGE_SLOT = "\ue000image\ue000"  # <image> in rendered prompt text; a private-use character users cannot send
-MAX_PIXELS = 40_000_000  # a 12000x12000 upload is refused before it is decoded (Pillow's bomb limit is 89 M)
 SELECT_LAYER = -2
-
-
-class ImageError(ValueError):
-    """An upload the model cannot look at; the message says why and what to send instead."""
-
-
-def open_image(data: bytes) -> object:
-    """Decode an upload into an RGB PIL image, refusing what would mislead or exhaust the model."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageError(f"The image is {image.width}x{image.height} pixels, too large to read; send one under "
-                             f"{MAX_PIXELS // 1_000_000} megapixels.")
-        if getattr(image, "n_frames", 1) > 1:
-            raise ImageError("Animated images are not supported; send a single still image (PNG or JPEG).")
-        image.load()
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        raise ImageError("This file is not an image the model can read; send a PNG or JPEG photo.") from None
-    except (OSError, ValueError, SyntaxError):
-        raise ImageError("The image is damaged and cannot be read; send it again or another one.") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        flat = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparency over white, as viewers show it
-        flat.alpha_composite(image.convert("RGBA"))
-        image = flat
-    return image.convert("RGB")
 
 
 def square_padded(image: object, mean: Sequence[float]) -> object:

@@ -22,6 +22,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .images import MAX_IMAGES, TEXT_ONLY, TOO_MANY, ImageError
 from .internlm2 import check_supported, is_internlm2, load_internlm2_as_llama, native_tokenizer, reset_dynamic_rope
 from .protocol import InputTooLong, Message
 
@@ -308,10 +309,11 @@ class Engine:
 
         History messages may carry ``images`` (bytes), as may the new message; the ids then hold one mark per
         image still in the prompt, the last ones sent (see ``start``)."""
-        if (images or any(m.get("images") for m in history)) and self.vision is None:
-            from .llava import ImageError
-
-            raise ImageError("This model reads text only; send your question without the image.")
+        count = len(images) + sum(len(m.get("images") or ()) for m in history)
+        if count and self.vision is None:
+            raise ImageError(TEXT_ONLY)
+        if count > MAX_IMAGES:
+            raise ImageError(TOO_MANY)
         budget = self.context_length - min(max_new_tokens, self.context_length // 2)
         head = [{"role": "system", "content": system}] if system else []
         tail = [{"role": "user", "content": message, **({"images": list(images)} if images else {})}]
