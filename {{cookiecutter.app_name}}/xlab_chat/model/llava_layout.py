@@ -18,6 +18,12 @@ from typing import Optional
 
 PROJECTOR, LLM_ADAPTER, VISUAL_ADAPTER, VISUAL_ENCODER = ("projector", "llm_adapter", "visual_encoder_adapter",
                                                           "visual_encoder")
+# The CLIP tower of XTuner's LLaVA recipes (``visual_encoder_name_or_path``), per hub. Checked: Hugging Face's
+# openai repo, and ModelScope's AI-ModelScope mirror (ms-swift pulls it by that name). No OpenXLab mirror was
+# found, so apps there use ModelScope's, which is reachable from the same networks.
+CLIP_336 = {"huggingface": "https://huggingface.co/openai/clip-vit-large-patch14-336",
+            "modelscope": "https://www.modelscope.cn/AI-ModelScope/clip-vit-large-patch14-336.git"}
+OFFICIAL_CLIP = f"{CLIP_336['huggingface']} (or {CLIP_336['modelscope']})"
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,11 @@ class LlavaLayout:
     visual_adapter: Optional[Path]
     visual_encoder: Optional[Path]  # the tower saved whole (trained unfrozen): no separate CLIP repo needed
     llm: Optional[Path]  # the LLM saved whole at the top level: no base repo needed
+
+
+def default_visual_encoder(hub: str) -> str:
+    """CLIP-ViT-L/14-336 on the model's own hub, ModelScope's copy for OpenXLab, Hugging Face's elsewhere."""
+    return CLIP_336["modelscope" if hub in ("modelscope", "openxlab") else "huggingface"]
 
 
 def is_llava_folder(folder: Path) -> bool:
