@@ -66,3 +66,21 @@ def test_a_folder_without_projector_weights_fails(world: dict, app_modules: Path
     (broken / "projector" / "model.safetensors").unlink()
     problems = failed(run(app_modules, broken, str(world["base"]), world["clip"]))
     assert "no model.safetensors or pytorch_model.bin" in problems["2 LLaVA parts"]
+
+
+def test_downloads_take_only_the_files_the_loaders_read(world: dict, app_modules: Path, tmp_path: Path) -> None:
+    """CLIP's repo holds torch, safetensors, TensorFlow and Flax copies: only model.safetensors comes down. A LLaVA
+    folder (no config.json at its top) is a complete download too."""
+    from xlab_chat.model.download import ensure_model
+    from xlab_chat.model.source import resolve_source
+
+    clip = ensure_model(resolve_source(lf.publish_tree(world["clip"], tmp_path / "clip.git"), "main"),
+                        tmp_path / "clip")
+    assert sorted(p.name for p in clip.iterdir() if p.is_file()) == [".gitattributes", "config.json",
+                                                                     "model.safetensors", "preprocessor_config.json"]
+    llava = ensure_model(resolve_source(lf.publish_tree(world["full"], tmp_path / "llava.git"), "main"),
+                         tmp_path / "llava")
+    got = sorted(str(p.relative_to(llava)) for p in llava.rglob("*") if p.is_file() and ".git" not in p.parts
+                 and p.name != ".gitattributes")
+    want = sorted(str(p.relative_to(world["full"])) for p in world["full"].rglob("*") if p.is_file())
+    assert got == want
