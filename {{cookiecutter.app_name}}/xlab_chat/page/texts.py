@@ -41,6 +41,13 @@ TEXT: Dict[str, Dict[str, str]] = {
         "restarting": "模型进程意外退出，正在重新加载",
         "engine_stopped": "模型进程意外退出，这条回复没有写完。模型正在重新加载，稍后请重新发送。",
         "still_restarting": "模型正在重新加载，请稍后再试。",
+        "image_placeholder": "输入问题，可附一张图片（上传、粘贴或拖入）",
+        "image_text_only": "这个模型只能读文字，请不带图片发送问题。",
+        "image_not_image": "这个文件不是模型能读取的图片，请发送 PNG 或 JPEG 照片。",
+        "image_corrupt": "图片已损坏，无法读取，请重新发送或换一张。",
+        "image_too_large": "图片太大，无法读取，请发送 4000 万像素、20 MB 以内的图片。",
+        "image_animated": "不支持动图，请发送一张静态图片（PNG 或 JPEG）。",
+        "image_too_many": "这个模型每次对话只看一张图片。要问另一张图，请先清空对话。",
     },
     "en": {
         "model": "Model",
@@ -80,6 +87,13 @@ TEXT: Dict[str, Dict[str, str]] = {
         "engine_stopped": "The model process stopped before this reply was finished. The model is reloading: "
         "please send your message again in a moment.",
         "still_restarting": "The model is reloading. Please try again in a moment.",
+        "image_placeholder": "Type a question; you can add one image (upload, paste or drop it)",
+        "image_text_only": "This model reads text only; send your question without the image.",
+        "image_not_image": "This file is not an image the model can read; send a PNG or JPEG photo.",
+        "image_corrupt": "The image is damaged and cannot be read; send it again or another one.",
+        "image_too_large": "The image is too large to read; send one under 40 megapixels and 20 MB.",
+        "image_animated": "Animated images are not supported; send a single still image (PNG or JPEG).",
+        "image_too_many": "This model looks at one image per conversation; clear the chat to ask about another one.",
     },
 }
 
