@@ -82,3 +82,60 @@ def test_the_app_answers_about_an_image_as_xtuner_chat(world: dict, tmp_path: Pa
         app.stop()
     assert (tmp_path / "clip" / "preprocessor_config.json").is_file()
     assert (tmp_path / "base" / "config.json").is_file()
+
+
+@pytest.mark.browser
+def test_the_page_takes_an_image_and_answers_about_it(world: dict, tmp_path: Path) -> None:
+    """Chromium: the image chat replaces the text chat, an uploaded photo gets the model's answer, the next
+    question still sees it, and a damaged image gets a clear message while the page keeps serving."""
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM
+
+    photo, broken = tmp_path / "photo.png", tmp_path / "broken.png"
+    photo.write_bytes(oracle.photo())
+    broken.write_bytes(oracle.photo()[:300])
+    expected = expected_reply(world, "pretrain", photo.read_bytes(), QUESTION)
+    app = llava_app(world, tmp_path, "pretrain", MAX_NEW_TOKENS=str(oracle.TOKENS), TEMPERATURE="0",
+                    REPETITION_PENALTY="1.0")
+    try:
+        app.wait_stage(("ready",), timeout=300)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                 args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.goto(app.url)
+            page.locator("#image-chat-area").wait_for(state="visible", timeout=30_000)
+            assert not page.locator("#chat-area").is_visible()
+
+            def ask(text: str, image: Path = None, replies: int = 1) -> str:
+                if image is not None:
+                    page.locator("#image-chat-input input[type=file]").set_input_files(str(image))
+                    page.wait_for_timeout(500)
+                box = page.locator("#image-chat-input textarea")
+                box.fill(text)
+                box.press("Enter")
+                page.wait_for_function(
+                    "(n) => { const r = document.querySelectorAll('#image-chatbot [data-testid=bot]');"
+                    " return r.length >= n && r[r.length - 1].innerText.trim().length > 0; }",
+                    arg=replies, timeout=60_000)
+                deadline = time.monotonic() + 60
+                while app.status()["generating"] and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                page.wait_for_timeout(500)
+                bots = page.locator("#image-chatbot [data-testid=bot]")
+                return bots.nth(bots.count() - 1).inner_text().strip()
+
+            first = ask(QUESTION, photo)
+            page.screenshot(path=str(tmp_path / "llava-1.png"), full_page=True)
+            assert first.split() == expected.split()  # the page renders a tab as a space
+            assert page.locator("#image-chatbot img").count() >= 1  # the conversation shows its image
+            assert ask("and now?", replies=2)  # the image stays in the conversation: no error, a reply
+            assert "⚠️" not in page.inner_text("#image-chatbot")
+            page.locator('#image-chat-area [aria-label="Clear"]').first.click()
+            damaged = ask("what is this?", broken)
+            page.screenshot(path=str(tmp_path / "llava-2.png"), full_page=True)
+            assert "damaged" in damaged
+            browser.close()
+        assert not [p for p in (tmp_path / "tmp").rglob("*.png") if p.is_file()]
+    finally:
+        app.stop()
