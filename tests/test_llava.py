@@ -294,3 +294,17 @@ def test_too_many_images_and_text_only_models_are_refused(world: dict, tiny_mode
     with pytest.raises(img.ImageError) as caught:
         text_only.fit_prompt("", [], QUESTION, TOKENS, images=[photo()])
     assert caught.value.reason == img.TEXT_ONLY
+
+
+def test_int8_on_the_cpu_keeps_the_tower_in_float(world: dict) -> None:
+    """QUANTIZE=auto on the CPU: the LLM's Linears in int8, the CLIP tower and projector in the CPU's best float."""
+    from xlab_chat.engines.int8 import Int8Linear
+    from xlab_chat.engines.transformers_engine import cpu_runs_bf16_well
+
+    engine = Engine.load(world["base"], "cpu", "auto", "native", 1, "auto", llava=world["safetensors"],
+                         visual_encoder=world["clip"])
+    assert engine.placement.int8 and any(isinstance(m, Int8Linear) for m in engine.model.modules())
+    want = torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
+    assert engine.vision.dtype == want and next(engine.vision.tower.parameters()).dtype == want
+    ids, _ = engine.fit_prompt("", [], QUESTION, TOKENS, images=[photo()])
+    assert reply(engine, ids, [photo()])
