@@ -122,10 +122,10 @@ class Vision:
     dtype: torch.dtype
 
     @classmethod
-    def load(cls, layout: LlavaLayout, clip_folder: Path, dtype: torch.dtype) -> "Vision":
+    def load(cls, layout: LlavaLayout, clip_folder: Path, dtype: torch.dtype, device: str = "cpu") -> "Vision":
         tower_folder = layout.visual_encoder or clip_folder
-        return cls(load_tower(tower_folder, dtype, layout.visual_adapter), image_processor(tower_folder),
-                   read_projector(layout.projector, dtype), dtype)
+        return cls(load_tower(tower_folder, dtype, layout.visual_adapter).to(device), image_processor(tower_folder),
+                   read_projector(layout.projector, dtype).to(device), dtype)
 
     @property
     def tokens_per_image(self) -> int:
@@ -138,7 +138,8 @@ class Vision:
         image = square_padded(open_image(data), self.processor.image_mean)
         pixels = self.processor(images=image, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            states = self.tower(pixels.to(self.dtype), output_hidden_states=True).hidden_states[SELECT_LAYER]
+            pixels = pixels.to(device=self.tower.device, dtype=self.dtype)
+            states = self.tower(pixels, output_hidden_states=True).hidden_states[SELECT_LAYER]
             return self.projector(states[0, 1:])
 
 

@@ -258,7 +258,7 @@ class Engine:
             if layout is None:
                 raise ValueError(f"{llava} is not an XTuner LLaVA folder (no projector/config.json)")
             adapter = adapter or layout.llm_adapter
-            vision = Vision.load(layout, visual_encoder or llava, vision_dtype(placement))
+            vision = Vision.load(layout, visual_encoder or llava, vision_dtype(placement), placement.device)
         model, tokenizer = load_model(path, placement, loader, adapter)
         return cls(model, tokenizer, placement, workers, vision)
 
