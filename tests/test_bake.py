@@ -22,6 +22,8 @@ RUNTIME = {
     "xlab_chat/engines/int8.py", "xlab_chat/engines/guard.py", "xlab_chat/engines/openai_api.py",
     "xlab_chat/engines/server.py", "xlab_chat/engines/lora.py", "xlab_chat/model/adapter.py",
     "xlab_chat/model/adapter_check.py",
+    "xlab_chat/engines/llava.py", "xlab_chat/engines/images.py", "xlab_chat/model/llava_layout.py",
+    "xlab_chat/model/llava_check.py", "xlab_chat/model/loader_files.py", "xlab_chat/page/uploads.py",
     "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",
     "xlab_chat/page/line.py", "xlab_chat/page/stream.py",
 }

@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
 from .engines.process import EngineProcess, LoadSpec
@@ -24,6 +24,8 @@ from .model.adapter_check import is_adapter
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
 from .model.git_tools import RepoError
+from .model.llava_layout import OFFICIAL_CLIP, LlavaLayout, default_visual_encoder, find_llava
+from .model.repo_url import hub_of
 from .model.source import ModelSource, resolve_source, same_host
 from .settings import Settings
 
@@ -43,6 +45,7 @@ class ModelStatus:
         self.error = ""
         self.engine: Optional[Engine] = None
         self.engine_name = ""  # what starts, e.g. LMDeploy (shown while it starts)
+        self.images = False  # the model reads images (an XTuner LLaVA folder): the page shows its image chat
         self.ready = threading.Event()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -91,6 +94,7 @@ class ModelStatus:
                 "engine": self.engine_name,
                 "device": self.engine.label if self.engine else "",
                 "generating": self.engine.active if self.engine else 0,
+                "images": self.images,
             }
 
 
@@ -145,17 +149,40 @@ def make_engine(settings: Settings, status: ModelStatus) -> Union[EngineProcess,
     return EngineProcess(status)
 
 
-def ensure_base(settings: Settings, status: ModelStatus) -> Path:
+def ensure_base(settings: Settings, status: ModelStatus, what: str = "a LoRA adapter") -> Path:
     """The adapter's base model, verified and kept in a folder of its own (BASE_MODEL_DIR), so that several
     adapter apps on one machine can share one copy."""
     if not settings.base_model_repo:
-        raise RepoError("the model repo holds a LoRA adapter, and no base model was given",
+        raise RepoError(f"the model repo holds {what}, and no base model was given",
                         f"set BASE_MODEL_REPO to the model it was trained on, e.g. {OFFICIAL_BASES}")
-    shared = same_host(settings.base_model_repo, settings.model_repo)  # MODEL_REPO_TOKEN is for that host only
-    return ensure_model(resolve_source(settings.base_model_repo, settings.base_model_revision),
-                        settings.base_model_dir, token=settings.repo_token if shared else "",
+    return _ensure_other(settings, status, settings.base_model_repo, settings.base_model_revision,
+                         settings.base_model_dir)
+
+
+def _ensure_other(settings: Settings, status: ModelStatus, repo: str, revision: str, folder: Optional[Path]) -> Path:
+    """A second repo the model needs, verified into its own folder; MODEL_REPO_TOKEN goes to the model's host only."""
+    shared = same_host(repo, settings.model_repo)
+    assert folder is not None
+    return ensure_model(resolve_source(repo, revision), folder, token=settings.repo_token if shared else "",
                         user=settings.repo_user if shared else "", keep_lfs_cache=settings.keep_lfs_cache,
                         progress=status.progress)
+
+
+def ensure_llava_parts(settings: Settings, status: ModelStatus, layout: LlavaLayout) -> Tuple[Path, Path]:
+    """The LLM (the base, unless the LLaVA folder holds it whole) and the CLIP tower (VISUAL_ENCODER_REPO, else
+    CLIP-ViT-L/14-336 from the model's hub, unless the folder holds a trained tower)."""
+    llm = layout.llm or ensure_base(settings, status, "an XTuner LLaVA model (projector and adapters)")
+    if layout.visual_encoder is not None:
+        return llm, layout.visual_encoder
+    repo = settings.visual_encoder_repo or default_visual_encoder(hub_of(settings.model_repo))
+    print(f"[model] the visual encoder comes from {repo}", flush=True)
+    try:
+        return llm, _ensure_other(settings, status, repo, settings.visual_encoder_revision,
+                                  settings.visual_encoder_dir)
+    except RepoError as error:
+        raise RepoError(f"the visual encoder could not be downloaded ({error.what})",
+                        f"set VISUAL_ENCODER_REPO to a reachable copy of the CLIP tower the model was trained with,"
+                        f" e.g. {OFFICIAL_CLIP}") from None
 
 
 def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess, ServerEngine]) -> None:
@@ -170,17 +197,27 @@ def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess
             keep_lfs_cache=settings.keep_lfs_cache,
             progress=status.progress,
         )
-        adapter = ""
-        if is_adapter([path.name for path in folder.iterdir()]):  # a LoRA adapter: the base comes from its repo
+        adapter, llava, visual_encoder = "", "", ""
+        layout = find_llava(folder)
+        if layout is not None:  # an XTuner LLaVA folder: the base LLM and CLIP come from their own repos
+            if isinstance(engine, ServerEngine):
+                raise RepoError(f"the model repo holds an XTuner LLaVA model, which {engine.name} does not load",
+                                "use ENGINE=transformers: it serves XTuner LLaVA folders with image upload")
+            llava, status.images = str(folder), True
+            folder, clip = ensure_llava_parts(settings, status, layout)
+            visual_encoder = str(clip)
+        elif is_adapter([path.name for path in folder.iterdir()]):  # a LoRA adapter: the base comes from its repo
             if isinstance(engine, ServerEngine):
                 raise RepoError(f"the model repo holds a LoRA adapter, and {engine.name} serves whole models only",
                                 "use ENGINE=transformers (it merges the adapter at load), or deploy the merged"
                                 " model (xtuner convert merge)")
             adapter, folder = str(folder), ensure_base(settings, status)
         status.progress("starting" if isinstance(engine, ServerEngine) else "loading", 0, 0)
-        print(f"[engine] loading {folder}" + (f" with the adapter {adapter}" if adapter else ""), flush=True)
+        print(f"[engine] loading {folder}" + (f" with the adapter {adapter}" if adapter else "")
+              + (f" with the LLaVA parts in {llava} and the visual encoder {visual_encoder}" if llava else ""),
+              flush=True)
         engine.load(LoadSpec(str(folder), settings.hardware, settings.dtype, settings.loader,
-                             settings.concurrency_limit, settings.quantize, adapter))
+                             settings.concurrency_limit, settings.quantize, adapter, llava, visual_encoder))
     except (RepoError, ValueError, OSError) as error:
         engine.close()
         status.fail(str(error))

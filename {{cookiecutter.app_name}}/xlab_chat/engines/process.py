@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import protocol
 
@@ -73,6 +73,8 @@ class LoadSpec:
     workers: int
     quantize: str
     adapter: str = ""  # a LoRA adapter folder merged into the model at load time
+    llava: str = ""  # an XTuner LLaVA folder (projector, adapters) whose LLM is the model above
+    visual_encoder: str = ""  # the CLIP folder a LLaVA model sees with
 
 
 class Request:
@@ -145,7 +147,8 @@ class EngineProcess:
             return len(self.requests)
 
     def chat(self, system: str, history: List[protocol.Message], message: str, max_new_tokens: int,
-             temperature: float, top_p: float, repetition_penalty: float, emit: Emit) -> Request:
+             temperature: float, top_p: float, repetition_penalty: float, emit: Emit,
+             images: Sequence[bytes] = ()) -> Request:
         """Start a reply: ``emit`` gets Dropped, text pieces, then FINISHED or an exception."""
         request = Request(self, next(self.ids), emit)
         with self.lock:
@@ -156,7 +159,7 @@ class EngineProcess:
             emit(protocol.EngineStopped("the model process is restarting"))
             return request
         self.send(protocol.chat_request(request.id, system, history, message, max_new_tokens, temperature, top_p,
-                                        repetition_penalty))
+                                        repetition_penalty, images))
         return request
 
     def _pass_on(self, request_id: int, item: object) -> None:

@@ -6,10 +6,12 @@ and the engine process each message is one line of JSON on a pipe.
 
 from __future__ import annotations
 
+import base64
 import json
-from typing import IO, Dict, List, Optional
+from typing import IO, Dict, List, Optional, Sequence
 
-Message = Dict[str, str]
+# {"role", "content": str}, and for a user turn that brought images "images": [bytes, ...] (base64 on the pipe)
+Message = Dict[str, object]
 
 # child -> parent, one JSON object per line: {"kind": ..., ...}
 READY, LOAD_FAILED, TEXT, DROPPED, DONE, ERROR, TOO_LONG = "ready", "load-failed", "text", "dropped", "done", "error", \
@@ -68,7 +70,25 @@ def read_message(stream: IO[bytes]) -> Optional[dict]:
 
 
 def chat_request(request_id: int, system: str, history: List[Message], message: str, max_new_tokens: int,
-                 temperature: float, top_p: float, repetition_penalty: float) -> dict:
-    return {"kind": CHAT, "id": request_id, "system": system, "history": history, "message": message,
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-            "repetition_penalty": repetition_penalty}
+                 temperature: float, top_p: float, repetition_penalty: float, images: Sequence[bytes] = ()) -> dict:
+    """Images travel as base64 inside the request: bytes in memory, never a path another user could fetch."""
+    return {"kind": CHAT, "id": request_id, "system": system, "history": [_encoded(m) for m in history],
+            "message": message, "images": [_b64(data) for data in images], "max_new_tokens": max_new_tokens,
+            "temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _encoded(message: Message) -> Message:
+    if not message.get("images"):
+        return message
+    return {**message, "images": [_b64(data) for data in message["images"]]}  # type: ignore[union-attr]
+
+
+def decoded_images(request: dict) -> dict:
+    """The request with every image back as bytes (the inverse of chat_request's encoding)."""
+    history = [{**m, "images": [base64.b64decode(d) for d in m["images"]]} if m.get("images") else m
+               for m in request["history"]]
+    return {**request, "history": history, "images": [base64.b64decode(d) for d in request.get("images", [])]}

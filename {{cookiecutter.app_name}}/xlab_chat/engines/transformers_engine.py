@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -22,13 +22,29 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .images import MAX_IMAGES, TEXT_ONLY, TOO_MANY, ImageError
 from .internlm2 import check_supported, is_internlm2, load_internlm2_as_llama, native_tokenizer, reset_dynamic_rope
 from .protocol import InputTooLong, Message
+
+if TYPE_CHECKING:
+    from .llava import Vision
 
 IM_END = "<|im_end|>"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GPU_HARDWARE = ("a10-24gb", "a100-40gb")
 
+
+
+def with_image_slots(messages: List[Message]) -> List[Message]:
+    """Each user turn that brought images opens with one image slot and a newline per image, as XTuner trains
+    (``'<image>\\n' + question``); the images themselves leave the message."""
+    from .llava import IMAGE_SLOT
+
+    out = []
+    for message in messages:
+        text = str(message["content"]).replace(IMAGE_SLOT[0], "")  # the slot's private-use marker is ours alone
+        out.append({"role": message["role"], "content": (IMAGE_SLOT + "\n") * len(message.get("images") or ()) + text})
+    return out
 
 
 def internlm2_prompt(messages: List[Message], bos: str) -> str:
@@ -122,6 +138,16 @@ def load_model(path: Path, placement: Placement, loader: str, adapter_path: Opti
     return model.eval(), tokenizer
 
 
+def vision_dtype(placement: Placement) -> torch.dtype:
+    """The CLIP tower's dtype: the placement's on a GPU; on the CPU bf16 only where it is fast, else fp32
+    (int8 is the LLM's: the tower is compute bound over 577 positions, where int8 kernels gain little)."""
+    if placement.device == "cuda":
+        return placement.dtype
+    if placement.int8:
+        return torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
+    return placement.dtype
+
+
 def _dtype_keyword() -> str:
     """transformers renamed torch_dtype to dtype in 4.56; pass the one this version knows."""
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -204,10 +230,12 @@ class Engine:
     OpenMP pool while the old one still spins, which halves tokens/s on small machines.
     """
 
-    def __init__(self, model: object, tokenizer: object, placement: Placement, workers: int = 1) -> None:
+    def __init__(self, model: object, tokenizer: object, placement: Placement, workers: int = 1,
+                 vision: Optional["Vision"] = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.placement = placement
+        self.vision = vision  # a LLaVA model's image side; None for a text model
         self.stop_ids = self._stop_ids()
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         self.workers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
@@ -216,10 +244,23 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, hardware: str, requested_dtype: str = "auto", loader: str = "native",
-             workers: int = 1, quantize: str = "none", adapter: Optional[Path] = None) -> "Engine":
+             workers: int = 1, quantize: str = "none", adapter: Optional[Path] = None,
+             llava: Optional[Path] = None, visual_encoder: Optional[Path] = None) -> "Engine":
+        """``llava``: an XTuner LLaVA folder whose LLM adapter goes into the base at ``path``, and whose
+        projector and visual adapter go with the CLIP tower at ``visual_encoder``."""
         placement = choose_placement(hardware, requested_dtype, quantize)
+        vision = None
+        if llava is not None:
+            from ..model.llava_layout import find_llava
+            from .llava import Vision
+
+            layout = find_llava(llava)
+            if layout is None:
+                raise ValueError(f"{llava} is not an XTuner LLaVA folder (no projector/config.json)")
+            adapter = adapter or layout.llm_adapter
+            vision = Vision.load(layout, visual_encoder or llava, vision_dtype(placement), placement.device)
         model, tokenizer = load_model(path, placement, loader, adapter)
-        return cls(model, tokenizer, placement, workers)
+        return cls(model, tokenizer, placement, workers, vision)
 
     @property
     def active(self) -> int:
@@ -238,27 +279,51 @@ class Engine:
         return sorted(i for i in ids if isinstance(i, int))
 
     def encode_chat(self, messages: List[Message]) -> List[int]:
-        """The repo's chat template when it has one, else InternLM2's format; always as plain ids."""
+        """The repo's chat template when it has one, else InternLM2's format; always as plain ids. With images,
+        llava.IMAGE_MARK stands where each image's embeddings go."""
+        images = any(m.get("images") for m in messages)
+        if images:
+            from .llava import tokenize_with_images
+
+            messages = with_image_slots(messages)
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = internlm2_prompt(messages, self.tokenizer.bos_token or "")
+        if images:
+            return tokenize_with_images(self.tokenizer, text)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def prompt_length(self, ids: Sequence[int]) -> int:
+        """Positions the prompt takes in the context: each image mark stands for all its patches."""
+        if self.vision is None:
+            return len(ids)
+        from .llava import IMAGE_MARK
+
+        return len(ids) + ids.count(IMAGE_MARK) * (self.vision.tokens_per_image - 1)
+
     def fit_prompt(
-        self, system: str, history: List[Message], message: str, max_new_tokens: int
+        self, system: str, history: List[Message], message: str, max_new_tokens: int, images: Sequence[bytes] = ()
     ) -> Tuple[List[int], int]:
-        """Drop the oldest turns until prompt + reply fit the context; return ids and turns dropped."""
+        """Drop the oldest turns until prompt + reply fit the context; return ids and turns dropped.
+
+        History messages may carry ``images`` (bytes), as may the new message; the ids then hold one mark per
+        image still in the prompt, the last ones sent (see ``start``)."""
+        count = len(images) + sum(len(m.get("images") or ()) for m in history)
+        if count and self.vision is None:
+            raise ImageError(TEXT_ONLY)
+        if count > MAX_IMAGES:
+            raise ImageError(TOO_MANY)
         budget = self.context_length - min(max_new_tokens, self.context_length // 2)
         head = [{"role": "system", "content": system}] if system else []
-        tail = [{"role": "user", "content": message}]
+        tail = [{"role": "user", "content": message, **({"images": list(images)} if images else {})}]
         dropped = 0
         while True:
             ids = self.encode_chat(head + history + tail)
-            if len(ids) <= budget:
+            if self.prompt_length(ids) <= budget:
                 return ids, dropped
             if not history:
-                raise InputTooLong(len(ids), budget)
+                raise InputTooLong(self.prompt_length(ids), budget)
             # Drop through the next user turn so the history still starts with the user.
             cut = next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
             history = history[cut:]
@@ -273,18 +338,20 @@ class Engine:
         top_p: float,
         repetition_penalty: float,
         dropped_turns: int = 0,
+        images: Sequence[bytes] = (),
     ) -> Generation:
-        """Start generating; ``emit`` gets each text piece, then an exception or Generation.DONE."""
+        """Start generating; ``emit`` gets each text piece, then an exception or Generation.DONE.
+
+        ``images``: every image of the conversation in order; the last ones, one per mark in ids, are used."""
         generation = Generation(dropped_turns)
         device = self.model.device
-        input_ids = torch.tensor([ids], device=device)
         sampling: Dict[str, object] = {"do_sample": False}
         if temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        kept = self._kept_images(ids, images)
         kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max(1, min(max_new_tokens, self.context_length - len(ids))),
+            attention_mask=torch.ones((1, self.prompt_length(ids)), dtype=torch.long, device=device),
+            max_new_tokens=max(1, min(max_new_tokens, self.context_length - self.prompt_length(ids))),
             eos_token_id=self.stop_ids,
             pad_token_id=self.stop_ids[0],
             repetition_penalty=repetition_penalty,
@@ -299,7 +366,7 @@ class Engine:
             try:
                 reset_dynamic_rope(self.model)
                 with torch.inference_mode():
-                    self.model.generate(**kwargs)
+                    self.model.generate(**self._inputs(ids, kept), **kwargs)
                 emit(Generation.DONE)
             except Exception as error:  # reaches the user as a chat message, the app keeps serving
                 if device.type == "cuda":
@@ -312,3 +379,22 @@ class Engine:
 
         self.workers.submit(work)
         return generation
+
+    def _kept_images(self, ids: Sequence[int], images: Sequence[bytes]) -> List[bytes]:
+        if self.vision is None:
+            return []
+        from .llava import IMAGE_MARK
+
+        marks = list(ids).count(IMAGE_MARK)
+        return list(images[len(images) - marks:]) if marks else []
+
+    def _inputs(self, ids: Sequence[int], images: Sequence[bytes]) -> Dict[str, torch.Tensor]:
+        """input_ids, or for a prompt with images the spliced embeddings (encoding the images here, on the
+        generate thread, so their time counts as the reply's)."""
+        if not images:
+            return {"input_ids": torch.tensor([list(ids)], device=self.model.device)}
+        from .llava import splice
+
+        assert self.vision is not None
+        features = [self.vision.embed(data) for data in images]
+        return {"inputs_embeds": splice(self.model.get_input_embeddings(), ids, features)}

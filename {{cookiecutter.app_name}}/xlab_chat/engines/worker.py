@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from . import protocol
+from .images import ImageError
 
 
 class Worker:
@@ -44,7 +45,9 @@ class Worker:
 
             engine = Engine.load(Path(command["folder"]), command["hardware"], command["dtype"], command["loader"],
                                  int(command["workers"]), command["quantize"],
-                                 Path(command["adapter"]) if command.get("adapter") else None)
+                                 Path(command["adapter"]) if command.get("adapter") else None,
+                                 Path(command["llava"]) if command.get("llava") else None,
+                                 Path(command["visual_encoder"]) if command.get("visual_encoder") else None)
         except Exception as error:  # what went wrong reaches the page; the trace stays in the log
             if not isinstance(error, (ValueError, OSError)):
                 traceback.print_exc()
@@ -56,6 +59,7 @@ class Worker:
     def chat(self, command: dict) -> None:
         from .transformers_engine import Generation
 
+        command = protocol.decoded_images(command)
         request_id = command["id"]
         engine = self.engine
         if engine is None:  # a chat that raced a restart: the page tells the user to send it again
@@ -64,10 +68,14 @@ class Worker:
             return
         try:
             ids, dropped = engine.fit_prompt(command["system"], command["history"], command["message"],
-                                             int(command["max_new_tokens"]))
+                                             int(command["max_new_tokens"]), command["images"])
         except protocol.InputTooLong as error:
             self.send({"kind": protocol.TOO_LONG, "id": request_id, "tokens": error.tokens, "limit": error.limit})
             return
+        except ImageError as error:  # an image the model cannot take: the page says why
+            self.send({"kind": protocol.ERROR, "id": request_id, "type": "ImageError", "error": error.reason})
+            return
+        images = [data for m in command["history"] for data in m.get("images") or ()] + command["images"]
         if dropped:
             self.send({"kind": protocol.DROPPED, "id": request_id, "turns": dropped})
 
@@ -77,6 +85,8 @@ class Worker:
                     self.generations.pop(request_id, None)
             if item is Generation.DONE:
                 self.send({"kind": protocol.DONE, "id": request_id})
+            elif isinstance(item, ImageError):
+                self.send({"kind": protocol.ERROR, "id": request_id, "type": "ImageError", "error": item.reason})
             elif isinstance(item, Exception):
                 self.send({"kind": protocol.ERROR, "id": request_id, "type": type(item).__name__,
                            "error": str(item)[:500]})
@@ -86,7 +96,7 @@ class Worker:
         with self.generations_lock:
             self.generations[request_id] = engine.start(ids, emit, int(command["max_new_tokens"]),
                                                         float(command["temperature"]), float(command["top_p"]),
-                                                        float(command["repetition_penalty"]), dropped)
+                                                        float(command["repetition_penalty"]), dropped, images)
 
     def cancel(self, command: dict) -> None:
         generation = self.generations.get(command["id"])

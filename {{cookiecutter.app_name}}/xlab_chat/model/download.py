@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .git_tools import RepoError, git_env, read_pointer, require_git_lfs, run_git, working_files
+from .llava_layout import is_llava_folder
+from .loader_files import loader_files
 from .source import ModelSource
 
 MARKER = "xlab-model.json"
@@ -34,9 +36,11 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 def verify_checkout(folder: Path, expected_sizes: Optional[Dict[str, int]] = None) -> None:
     """Refuse a folder that still holds LFS pointer files or files of the wrong size."""
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        raise RepoError(f"{folder} has no config.json (nor adapter_config.json)",
-                        "point MODEL_REPO or MODEL_PATH at a complete model folder or a LoRA adapter")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")) and \
+            not is_llava_folder(folder):
+        raise RepoError(f"{folder} has no config.json (nor adapter_config.json, nor an XTuner LLaVA projector/)",
+                        "point MODEL_REPO or MODEL_PATH at a complete model folder, a LoRA adapter or an XTuner"
+                        " LLaVA folder")
     for relative in working_files(folder):
         promised = read_pointer(folder / relative)
         if promised is not None:
@@ -298,13 +302,22 @@ def download(source: ModelSource, target: Path, token: str = "", user: str = "",
     print(f"[model] ready: {target} at {commit[:12]} ({total / 1e6:,.1f} MB verified)", flush=True)
 
 
+def _only_what_loads(work: Path, sizes: Dict[str, int]) -> Dict[str, int]:
+    """Keep the LFS files the loaders read (loader_files); the others' pointer files leave the checkout."""
+    wanted = set(loader_files(sorted(sizes)))
+    for name in sorted(set(sizes) - wanted):
+        (work / name).unlink()
+        print(f"[model] skipping {name} (the app does not read it)", flush=True)
+    return {name: size for name, size in sizes.items() if name in wanted}
+
+
 def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secrets: tuple, progress: Progress,
                     keep: Path, on_git_start: Optional[Callable[[int], None]]) -> Tuple[str, Dict[str, int]]:
     progress("checking", 0, 0)
     if source.url.startswith("file://") and not Path(urlsplit(source.url).path).exists():
         raise RepoError(f"model repo {source.url} does not exist", "check MODEL_REPO: the folder must exist")
     clone_without_weights(source, work, env, secrets)
-    sizes = lfs_sizes(work)
+    sizes = _only_what_loads(work, lfs_sizes(work))
     total = sum(sizes.values())
     _check_disk(work.parent, total)
     reused = _restore_lfs(keep, work)
@@ -315,7 +328,9 @@ def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secret
                                daemon=True)
     watcher.start()
     try:
-        run_git(["lfs", "pull", "origin"], "git lfs pull", env, cwd=work, secrets=secrets, on_start=on_git_start)
+        only = ["--include", ",".join(sorted(sizes))] if sizes else []  # the files kept, and no others
+        run_git(["lfs", "pull", "origin", *only], "git lfs pull", env, cwd=work, secrets=secrets,
+                on_start=on_git_start)
     finally:
         finished.set()
         watcher.join()

@@ -43,6 +43,13 @@ TEXT: Dict[str, Dict[str, str]] = {
         "still_restarting": "模型正在重新加载，请稍后再试。",
         "queue_place": "⏳ 正在排队：你是第 {place} 位。轮到你时会自动开始回复，请不要关闭页面。",
         "queue_full": "现在使用的人太多，排队已满（{waiting} 人在等待）。请过一会儿再发送。",
+        "image_placeholder": "输入问题，可附一张图片（上传、粘贴或拖入）",
+        "image_text_only": "这个模型只能读文字，请不带图片发送问题。",
+        "image_not_image": "这个文件不是模型能读取的图片，请发送 PNG 或 JPEG 照片。",
+        "image_corrupt": "图片已损坏，无法读取，请重新发送或换一张。",
+        "image_too_large": "图片太大，无法读取，请发送 4000 万像素、20 MB 以内的图片。",
+        "image_animated": "不支持动图，请发送一张静态图片（PNG 或 JPEG）。",
+        "image_too_many": "这个模型每次对话只看一张图片。要问另一张图，请先清空对话。",
     },
     "en": {
         "model": "Model",
@@ -86,6 +93,13 @@ TEXT: Dict[str, Dict[str, str]] = {
         "page open.",
         "queue_full": "Too many people are chatting right now: the queue is full ({waiting} waiting). "
         "Please send your message again in a moment.",
+        "image_placeholder": "Type a question; you can add one image (upload, paste or drop it)",
+        "image_text_only": "This model reads text only; send your question without the image.",
+        "image_not_image": "This file is not an image the model can read; send a PNG or JPEG photo.",
+        "image_corrupt": "The image is damaged and cannot be read; send it again or another one.",
+        "image_too_large": "The image is too large to read; send one under 40 megapixels and 20 MB.",
+        "image_animated": "Animated images are not supported; send a single still image (PNG or JPEG).",
+        "image_too_many": "This model looks at one image per conversation; clear the chat to ask about another one.",
     },
 }
 

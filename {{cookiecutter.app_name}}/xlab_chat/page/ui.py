@@ -15,11 +15,12 @@ import time
 import traceback
 import urllib.request
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 import gradio as gr
 
 from ..engines import protocol
+from ..engines.images import ImageError
 from ..model.repo_url import RepoURLError, normalise
 from ..settings import Settings
 from ..startup import ModelStatus
@@ -27,6 +28,7 @@ from .history import clean_text, normalise_history
 from .line import WaitingLine
 from .stream import Inbox, batches, cadence
 from .texts import texts
+from .uploads import Uploads
 
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False}]
 
@@ -100,16 +102,45 @@ def status_markdown(state: dict, t: dict) -> str:
     return f"⏳ {t.get(stage, stage)}… · {elapsed}"
 
 
-def make_respond(settings: Settings, status: ModelStatus, t: dict, line: WaitingLine):
+def message_files(message: object) -> List[str]:
+    """The uploads of a multimodal box's message: paths (gradio 4.26+) or file dicts (4.22-4.25)."""
+    files = message.get("files") if isinstance(message, dict) else None
+    paths = [f.get("path") if isinstance(f, dict) else f for f in files or []]
+    return [path for path in paths if isinstance(path, str)]
+
+
+def make_respond(settings: Settings, status: ModelStatus, t: dict, line: WaitingLine,
+                 uploads: Optional[Uploads] = None):
     async def respond(message, history, system_prompt=settings.system_prompt, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, top_p=settings.top_p,
                       repetition_penalty=settings.repetition_penalty):
-        message = clean_text(message if isinstance(message, str) else str((message or {}).get("text", "")))
-        if not message.strip():
+        files = message_files(message)
+        try:
+            async for text in _respond(message, files, history, system_prompt, max_new_tokens, temperature, top_p,
+                                       repetition_penalty):
+                yield text
+        finally:
+            Uploads.delete_files(files)  # the bytes live on in memory for later turns; the file goes now
+
+    async def _respond(message, files, history, system_prompt, max_new_tokens, temperature, top_p,
+                       repetition_penalty):
+        message = clean_text(message if isinstance(message, str) else str((message or {}).get("text") or ""))
+        if not message.strip() and not files:
             yield t["empty"]
             return
         if status.engine is None:
             yield not_ready(status, t)
+            return
+        if files and (uploads is None or not status.images):
+            yield t["image_text_only"]
+            return
+        try:
+            images: List[bytes] = uploads.take(files) if uploads is not None and files else []
+        except ImageError as error:
+            yield t[f"image_{error.reason}"]
+            return
+        except OSError:
+            yield t["image_corrupt"]
             return
         ticket = line.join()
         if ticket is None:  # said in the chat: gr.Error would also cover the chat with a bare "Error" badge
@@ -123,9 +154,10 @@ def make_respond(settings: Settings, status: ModelStatus, t: dict, line: Waiting
                 yield not_ready(status, t)
                 return
             inbox = Inbox(asyncio.get_running_loop())
-            request = engine.chat(clean_text(system_prompt or ""), normalise_history(history), message,
+            known = uploads.known() if uploads is not None else None
+            request = engine.chat(clean_text(system_prompt or ""), normalise_history(history, known), message,
                                   int(max_new_tokens), float(temperature), float(top_p), float(repetition_penalty),
-                                  inbox.put)
+                                  inbox.put, **({"images": images} if images else {}))
             try:
                 async for reply in replies(inbox, t, lambda: cadence(line.active)):
                     yield reply
@@ -172,6 +204,8 @@ def add_item(reply: str, item: object, t: dict) -> Tuple[str, bool]:
         return t["too_long"].format(tokens=item.tokens, limit=item.limit), True
     if isinstance(item, protocol.EngineStopped):
         return reply + ("\n\n" if reply else "") + "⚠️ " + t["engine_stopped"], True
+    if isinstance(item, protocol.GenerationFailed) and item.kind == "ImageError":
+        return reply + ("\n\n" if reply else "") + "⚠️ " + t.get(f"image_{item}", str(item)), True  # a reason code
     if isinstance(item, protocol.GenerationFailed) and item.kind == "EndpointError":
         return reply + ("\n\n" if reply else "") + f"⚠️ {item}", True  # the server's refusal says what to do
     if isinstance(item, Exception):
@@ -180,7 +214,50 @@ def add_item(reply: str, item: object, t: dict) -> Tuple[str, bool]:
     return reply + item, False
 
 
+def chat_interface(respond: Callable, textbox: object, chatbot: object, settings: Settings, t: dict, api_name: str,
+                   multimodal: bool = False) -> object:
+    """One ChatInterface with the generation sliders; only the keyword arguments this gradio takes."""
+    buttons = {"submit_btn": t["submit"], "stop_btn": t["stop"]}
+    on_textbox = accepted(type(textbox), **buttons)
+    return gr.ChatInterface(
+        respond,
+        **accepted(
+            gr.ChatInterface,
+            chatbot=chatbot,
+            textbox=textbox,
+            type="messages",
+            multimodal=multimodal,
+            additional_inputs=[
+                gr.Textbox(settings.system_prompt, label=t["system_prompt"], lines=2, render=False),
+                gr.Slider(1, max(8192, settings.max_new_tokens), value=settings.max_new_tokens, step=1,
+                          label=t["max_new_tokens"],
+                          render=False),
+                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label=t["temperature"],
+                          render=False),
+                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label=t["top_p"], render=False),
+                gr.Slider(1.0, 2.0, value=settings.repetition_penalty, step=0.005,
+                          label=t["repetition_penalty"], render=False),
+            ],
+            additional_inputs_accordion=gr.Accordion(t["settings"], open=False, render=False),
+            **({} if on_textbox else buttons),
+            clear_btn=t["clear"],
+            retry_btn=None,
+            undo_btn=None,
+            api_name=api_name,
+            concurrency_limit=None,  # every chat starts at once; the page's WaitingLine keeps the order
+        ),
+    )
+
+
+def make_chatbot(elem_id: str) -> object:
+    return gr.Chatbot(**accepted(gr.Chatbot, type="messages", height=520, latex_delimiters=LATEX,
+                                 render_markdown=True, show_copy_button=True, buttons=["copy", "copy_all"],
+                                 elem_id=elem_id, render=False))
+
+
 def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: object = None) -> gr.Blocks:
+    """The text chat; beside it, hidden until the engine loads an XTuner LLaVA model, the chat with image upload
+    (the model is only known once downloaded, and the page is served before that). One waiting line serves both."""
     t = texts(settings.ui_language)
     line = WaitingLine(settings.concurrency_limit, settings.queue_size)
     with gr.Blocks(title=look.title, **accepted(gr.Blocks, theme=theme)) as demo:
@@ -188,61 +265,42 @@ def build_ui(settings: Settings, status: ModelStatus, look: PageLook, theme: obj
         status_line = gr.Markdown(status_markdown(status.snapshot(), t), elem_id="model-status")
         ready = status.engine is not None
         # gradio 5+ puts the Send/Stop buttons on the textbox, 4.x on the ChatInterface.
-        buttons = {"submit_btn": t["submit"], "stop_btn": t["stop"]}
-        on_textbox = accepted(gr.Textbox, **buttons)
         textbox = gr.Textbox(placeholder=t["placeholder"] if ready else t["placeholder_loading"], interactive=ready,
                              show_label=False, scale=7, autofocus=True, elem_id="chat-input", render=False,
-                             **on_textbox)
-        chatbot = gr.Chatbot(**accepted(gr.Chatbot, type="messages", height=520, latex_delimiters=LATEX,
-                                        render_markdown=True, show_copy_button=True, buttons=["copy", "copy_all"],
-                                        elem_id="chatbot", render=False))
-        with gr.Column(elem_id="chat-area") as chat_area:
-            gr.ChatInterface(
-                make_respond(settings, status, t, line),
-                **accepted(
-                    gr.ChatInterface,
-                    chatbot=chatbot,
-                    textbox=textbox,
-                    type="messages",
-                    additional_inputs=[
-                        gr.Textbox(settings.system_prompt, label=t["system_prompt"], lines=2, render=False),
-                        gr.Slider(1, max(8192, settings.max_new_tokens), value=settings.max_new_tokens, step=1,
-                                  label=t["max_new_tokens"],
-                                  render=False),
-                        gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label=t["temperature"],
-                                  render=False),
-                        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label=t["top_p"], render=False),
-                        gr.Slider(1.0, 2.0, value=settings.repetition_penalty, step=0.005,
-                                  label=t["repetition_penalty"], render=False),
-                    ],
-                    additional_inputs_accordion=gr.Accordion(t["settings"], open=False, render=False),
-                    **({} if on_textbox else buttons),
-                    clear_btn=t["clear"],
-                    retry_btn=None,
-                    undo_btn=None,
-                    api_name="chat",
-                    concurrency_limit=None,  # every chat starts at once; the page's WaitingLine keeps the order
-                ),
-            )
+                             **accepted(gr.Textbox, submit_btn=t["submit"], stop_btn=t["stop"]))
+        with gr.Column(elem_id="chat-area", visible=not status.images) as chat_area:
+            chat_interface(make_respond(settings, status, t, line), textbox, make_chatbot("chatbot"), settings, t,
+                           "chat")
             if look.examples:  # fill the box only: ChatInterface's examples would also reset the sliders
                 gr.Examples([[prompt] for prompt in look.examples], inputs=[textbox], label=t["examples"])
+        image_box = gr.MultimodalTextbox(
+            placeholder=t["image_placeholder"], interactive=ready, show_label=False, scale=7, file_types=["image"],
+            elem_id="image-chat-input", render=False,
+            **accepted(gr.MultimodalTextbox, file_count="single", submit_btn=t["submit"], stop_btn=t["stop"]))
+        with gr.Column(elem_id="image-chat-area", visible=status.images) as image_area:
+            chat_interface(make_respond(settings, status, t, line, Uploads()), image_box,
+                           make_chatbot("image-chatbot"), settings, t, "chat_images", multimodal=True)
         add_extra_components(look)
 
         def refresh():
             """Poll the start: unlock or hide the chat; once ready, poll slowly (the engine may restart)."""
             state = status.snapshot()
             stage = state["stage"]
+            placeholder = t["placeholder"] if stage == "ready" else t["placeholder_loading"]
             return (
                 status_markdown(state, t),
-                gr.Column(visible=stage != "failed"),
-                gr.Textbox(interactive=stage == "ready",
-                           placeholder=t["placeholder"] if stage == "ready" else t["placeholder_loading"]),
+                gr.Column(visible=stage != "failed" and not state["images"]),
+                gr.Textbox(interactive=stage == "ready", placeholder=placeholder),
+                gr.Column(visible=stage != "failed" and state["images"]),
+                gr.MultimodalTextbox(interactive=stage == "ready",
+                                     placeholder=t["image_placeholder"] if stage == "ready" else placeholder),
                 gr.Timer(value=3.0 if stage == "ready" else 1.0, active=stage != "failed"),
             )
 
         timer = gr.Timer(1.0)
-        timer.tick(refresh, outputs=[status_line, chat_area, textbox, timer], concurrency_limit=None,
-                   show_progress="hidden", **accepted(timer.tick, api_visibility="private", show_api=False))
+        timer.tick(refresh, outputs=[status_line, chat_area, textbox, image_area, image_box, timer],
+                   concurrency_limit=None, show_progress="hidden",
+                   **accepted(timer.tick, api_visibility="private", show_api=False))
         status_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(status.snapshot, outputs=status_json, api_name="status",
                                        concurrency_limit=None)
