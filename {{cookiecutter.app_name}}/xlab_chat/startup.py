@@ -16,13 +16,14 @@ import traceback
 from pathlib import Path
 from typing import Optional, Union
 
-from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
+from .engines.openai_api import OpenAIEngine
 from .engines.process import EngineProcess, LoadSpec
 from .engines.server import NAMES, ServerEngine
 from .model.adapter import OFFICIAL_BASES
 from .model.adapter_check import is_adapter
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
+from .model.endpoint import Endpoint, EndpointError, check_endpoint
 from .model.git_tools import RepoError
 from .model.source import ModelSource, resolve_source, same_host
 from .settings import Settings
