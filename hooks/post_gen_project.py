@@ -43,12 +43,20 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
+def write_readable_settings(folder: Path, changes: dict) -> None:
+    """settings.json as a person reads it: real characters, not the \\uXXXX escapes Jinja's tojson writes, the
+    example prompts as a JSON list (the answer is one |-joined line), and the values the hook normalised."""
+    from xlab_chat.settings import prompt_list  # the app's own reading of the answer
+
+    path = folder / "settings.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["example_prompts"] = list(prompt_list(settings.get("example_prompts", "")))
+    settings.update(changes)
+    write_json_atomically(path, settings)
+
+
 def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new_revision: str) -> None:
-    """settings.json (and the README's mentions) get the git URL and revision the app will use."""
-    defaults_path = folder / "settings.json"
-    defaults = json.loads(defaults_path.read_text(encoding="utf-8"))
-    defaults["model_repo"], defaults["model_revision"] = new_repo, new_revision
-    write_json_atomically(defaults_path, defaults)
+    """The README's mentions and ms_deploy.json get the git URL and revision the app will use."""
     readme = folder / "README.md"
     if readme.is_file():
         text = readme.read_text(encoding="utf-8")
@@ -93,7 +101,10 @@ def main() -> int:
     repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
     parsed = normalise(repo)
     new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
-    if parsed.git_url != repo or new_revision != revision:
+    normalised = parsed.git_url != repo or new_revision != revision
+    write_readable_settings(folder, {"model_repo": parsed.git_url, "model_revision": new_revision} if normalised
+                            else {})
+    if normalised:
         record_normalised(folder, repo, revision, parsed.git_url, new_revision)
         print(f"{parsed.describe()}; settings.json now says model_repo={parsed.git_url}, "
               f"model_revision={new_revision}")
