@@ -62,6 +62,13 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     flag = answers.get("validate_model_repo")
     if not isinstance(flag, bool) and str(flag).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         problems.append((f"validate_model_repo {flag!r} is not yes or no", "answer yes (check the repo now) or no"))
+    if answers.get("engine") != "openai":  # the openai engine's server holds the model: no repo to check
+        problems += _model_repo_problems(answers)
+    return problems
+
+
+def _model_repo_problems(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
+    problems = []
     revision = str(answers.get("model_revision", "")).strip()
     if not revision:
         problems.append(("model_revision is empty", "answer main, or a branch, tag or commit of the model repo"))
@@ -77,3 +84,19 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
             problems.append((f"model_repo points at revision {implied} but model_revision is {revision}",
                              f"answer model_revision {implied}, or paste the repo address without /tree/{implied}"))
     return problems
+
+
+def unused_answers(answers: Mapping[str, object]) -> str:
+    """One line naming the answers the chosen engine ignores (given, yet not used), or ""."""
+    engine = answers.get("engine")
+    if engine == "openai":
+        unused = [key for key in ("model_repo", "base_model_repo") if str(answers.get(key, "")).strip()]
+        unused += [key for key, default in (("loader", "native"), ("quantize", "auto"))
+                   if answers.get(key) != default]
+        why = "the model runs on the server at engine_url"
+    else:
+        unused = [key for key in ("engine_url", "engine_model") if str(answers.get(key, "")).strip()]
+        why = "only engine=openai uses them"
+    if not unused:
+        return ""
+    return f"Note: engine={engine} ignores {', '.join(unused)} ({why})."
