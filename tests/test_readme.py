@@ -117,3 +117,15 @@ def test_the_language_is_asked_first_and_says_what_follows_it():
     for key in ("app_title", "description", "example_prompts"):
         assert "cookiecutter.ui_language" in config[key]
     assert "title, description and example prompts follow it" in config["__prompts__"]["ui_language"]["__prompt__"]
+
+
+@pytest.mark.parametrize(("language", "promises"), [
+    ("en", ["clones the model", "downloads the model", "the model at ``"]),
+    ("zh", ["把模型克隆到", "首次启动时会下载模型", "重新下载模型", "这是模型 ``"]),
+])
+def test_engine_openai_readme_names_the_server_and_promises_no_download(tmp_path: Path, language: str,
+                                                                        promises: List[str]):
+    folder = render(tmp_path, ui_language=language, **SERVER, **OFFLINE)
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"`{SERVER['engine_model']}`" in text and f"`{SERVER['engine_url']}`" in text
+    assert [promise for promise in promises if promise in text] == []
