@@ -43,17 +43,26 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(partial, path)
 
 
+def write_readable_settings(folder: Path, changes: dict) -> None:
+    """settings.json as a person reads it: real characters, not the \\uXXXX escapes Jinja's tojson writes, the
+    example prompts as a JSON list (the answer is one |-joined line), and the values the hook normalised."""
+    from xlab_chat.settings import prompt_list  # the app's own reading of the answer
+
+    path = folder / "settings.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["example_prompts"] = list(prompt_list(settings.get("example_prompts", "")))
+    settings.update(changes)
+    write_json_atomically(path, settings)
+
+
 def record_normalised(folder: Path, repo: str, revision: str, new_repo: str, new_revision: str) -> None:
-    """settings.json (and the README's mentions) get the git URL and revision the app will use."""
-    defaults_path = folder / "settings.json"
-    defaults = json.loads(defaults_path.read_text(encoding="utf-8"))
-    defaults["model_repo"], defaults["model_revision"] = new_repo, new_revision
-    write_json_atomically(defaults_path, defaults)
+    """The README's mentions and ms_deploy.json get the git URL and revision the app will use."""
     readme = folder / "README.md"
     if readme.is_file():
         text = readme.read_text(encoding="utf-8")
         text = text.replace(f"`{repo}`", f"`{new_repo}`")
         text = text.replace(f"(revision `{revision}`)", f"(revision `{new_revision}`)")
+        text = text.replace(f"（revision `{revision}`）", f"（revision `{new_revision}`）")  # the Chinese README
         text = text.replace(f"| `MODEL_REVISION` | `{revision}` |", f"| `MODEL_REVISION` | `{new_revision}` |")
         partial = readme.with_name(readme.name + ".tmp")
         partial.write_text(text, encoding="utf-8")
@@ -77,26 +86,39 @@ def remove_empty_folders(folder: Path, names: tuple = (".github",)) -> None:
                 path.rmdir()
 
 
+def normalise_model_repo(folder: Path) -> dict:
+    """The model repo as the app will fetch it (a model page becomes its git URL, /tree/REV the revision):
+    the changed settings, also written into the README and ms_deploy.json."""
+    from xlab_chat.model.repo_url import normalise
+
+    repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
+    parsed = normalise(repo)
+    new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
+    if parsed.git_url == repo and new_revision == revision:
+        return {"model_repo": repo, "model_revision": revision}
+    record_normalised(folder, repo, revision, parsed.git_url, new_revision)
+    print(f"{parsed.describe()}; settings.json now says model_repo={parsed.git_url}, model_revision={new_revision}")
+    return {"model_repo": parsed.git_url, "model_revision": new_revision}
+
+
 def main() -> int:
     folder = Path.cwd()
     remove_empty_folders(folder)
     sys.dont_write_bytecode = True  # no __pycache__ in the generated app
     sys.path.insert(0, str(folder))
     from xlab_chat.model import check as repo_check
-    from xlab_chat.model.repo_url import normalise
+    from xlab_chat.model.answers import unused_answers
 
     problems = repo_check.check_answers(ANSWERS)  # as the pre-gen hook did, in case it could not
     for what, fix in problems:
         print(f"ERROR: {what} — {fix}", file=sys.stderr)
     if problems:
         return 1
-    repo, revision = str(ANSWERS["model_repo"]).strip(), str(ANSWERS["model_revision"]).strip() or "main"
-    parsed = normalise(repo)
-    new_revision = parsed.revision if parsed.revision and revision in ("", "main") else revision
-    if parsed.git_url != repo or new_revision != revision:
-        record_normalised(folder, repo, revision, parsed.git_url, new_revision)
-        print(f"{parsed.describe()}; settings.json now says model_repo={parsed.git_url}, "
-              f"model_revision={new_revision}")
+    note = unused_answers(ANSWERS)
+    if note:
+        print(note)
+    repo = {} if ANSWERS["engine"] == "openai" else normalise_model_repo(folder)  # openai: no repo to fetch
+    write_readable_settings(folder, repo)
     where = f"in {folder}"
     if not repo_check.is_yes(ANSWERS["validate_model_repo"]):
         print(f"The model repo was not checked (validate_model_repo=no) — run `python -m xlab_chat check` {where}"
@@ -109,8 +131,8 @@ def main() -> int:
                                                       os.environ.get("ENGINE_API_KEY", ""))
         else:
             print("Checking the model repo (no weights are downloaded)…", flush=True)
-            report = repo_check.check_repo(parsed.git_url, new_revision, ANSWERS["hardware"], ANSWERS["loader"],
-                                           token=os.environ.get("MODEL_REPO_TOKEN", ""),
+            report = repo_check.check_repo(repo["model_repo"], repo["model_revision"], ANSWERS["hardware"],
+                                           ANSWERS["loader"], token=os.environ.get("MODEL_REPO_TOKEN", ""),
                                            user=os.environ.get("MODEL_REPO_USER", ""),
                                            platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"],
                                            engine=ANSWERS["engine"], base_repo=ANSWERS["base_model_repo"],

@@ -6,6 +6,7 @@ The module runs twice: on the dev stack (gradio 6, transformers 5) and on the ol
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
@@ -35,6 +36,19 @@ def world(model_remote: str, tmp_path_factory: pytest.TempPathFactory, stack: st
     return {"base": base, "remote": remote, "app": app, "env": {"MODEL_DIR": str(base / "weights")}, "python": stack}
 
 
+def first_lines(app: AppProcess) -> str:
+    """What a newcomer reads of ``python app.py`` before scrolling: the first 30 lines."""
+    return "\n".join(app.log.splitlines()[:30])
+
+
+def says_where_the_page_and_the_model_are(app: AppProcess, world: dict) -> str:
+    head = first_lines(app)
+    assert head.startswith(f"The page will be at {app.url} in a few seconds")
+    assert f"The model: {world['remote'].as_uri()} (revision main), downloaded once into" in head
+    assert world["env"]["MODEL_DIR"] in head
+    return head
+
+
 @pytest.fixture(scope="module")
 def server(world: dict):
     app = AppProcess(world["app"], world["env"], world["base"] / "first.log", world["python"])
@@ -51,6 +65,9 @@ def test_first_start_downloads_then_serves(server: AppProcess, world: dict, tiny
     weights = Path(world["env"]["MODEL_DIR"]) / "model.safetensors"
     assert weights.read_bytes() == (tiny_model / "model.safetensors").read_bytes()
     assert "[model] ready:" in server.log
+    head = says_where_the_page_and_the_model_are(server, world)
+    assert re.search(r"^\[model\] downloading [\d.,]+ MB \(\d+ files in LFS\)$", head, flags=re.M)
+    assert f": chat at {server.url}" in head
 
 
 def test_chat_with_only_a_message_streams_growing_updates(server: AppProcess):
@@ -90,7 +107,9 @@ def test_restart_with_the_remote_gone_serves_from_the_local_copy(server: AppProc
     app = AppProcess(world["app"], world["env"], world["base"] / "offline.log", world["python"])
     try:
         app.wait_stage(("ready",))
-        assert "no download" in app.log
+        head = says_where_the_page_and_the_model_are(app, world)
+        assert "[model] using the verified local copy in" in head and "(no download)" in head
+        assert "[model] downloading" not in app.log and f"chat at {app.url}" in head
         assert stream_chat(app.url, tinymodel.GREETING, **GREEDY)[-1] == tinymodel.GREETING_REPLY
     finally:
         app.stop()
@@ -122,5 +141,9 @@ def test_bad_repo_keeps_serving_and_reports_the_failure(world: dict):
         reply = stream_chat(app.url, "hello")[-1]
         assert "could not start" in reply
         assert "Traceback" not in app.log
+        head = first_lines(app)
+        assert head.startswith(f"The page will be at {app.url} in a few seconds")
+        assert "ERROR: the model repo check failed" in head
+        assert "The page still opens and shows this error: fix the cause, then start the app again." in head
     finally:
         app.stop()

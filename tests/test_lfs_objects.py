@@ -200,7 +200,9 @@ def test_fit_on_cpu_is_judged_on_the_platforms_tiers(rc, tiny_model, tmp_path, m
     (folder / "model.safetensors").write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'cd' * 32}\n"
                                               f"size {15_480_000_000}\n", encoding="ascii")
     url = publish_without_objects(folder, tmp_path / "seven.git", monkeypatch)
-    monkeypatch.setattr(rc, "machine_memory", lambda: 64 * rc.GIB)
+    from xlab_chat.model import fit_check
+
+    monkeypatch.setattr(fit_check, "machine_memory", lambda: 64 * fit_check.GIB)
     for platforms, words in (("huggingface", ["Hugging Face Spaces cpu-upgrade (32 GB, paid)", "only if its CPU"]),
                              ("modelscope", ["ModelScope: no CPU tier is large enough"]),
                              ("openxlab", ["OpenXLab documents no CPU tier memory"])):

@@ -238,3 +238,47 @@ def test_resolve_source_uses_the_git_url_and_implied_revision(app_modules):
     source = resolve_source("https://huggingface.co/a/b/tree/v2", "main")
     assert (source.url, source.revision) == ("https://huggingface.co/a/b", "v2")
     assert resolve_source("https://huggingface.co/a/b/tree/v2", "v3").revision == "v3"
+
+
+# ---------------------------------------------------------------- answers the chosen engine does not use
+
+SERVER = {"engine": "openai", "engine_url": "http://10.0.0.5:23333/v1", "engine_model": "internlm2-chat"}
+
+
+@pytest.mark.parametrize("model_repo", ["", "not a url", "https://huggingface.co/datasets/a/b"])
+def test_engine_openai_renders_without_a_usable_model_repo(tmp_path: Path, capfd, app_modules, model_repo: str):
+    """The server holds the model: model_repo (and its revision) cannot block rendering, and the app starts."""
+    folder = render(tmp_path / "out", model_repo=model_repo, model_revision="", **SERVER, **OFFLINE)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "ERROR" not in err
+    assert ("Note: engine=openai ignores model_repo (the model runs on the server at engine_url)." in out) == bool(
+        model_repo)
+    assert defaults_of(folder)["model_repo"] == model_repo
+    from xlab_chat.settings import load_defaults, load_settings
+
+    settings = load_settings({}, load_defaults(folder / "settings.json"))
+    assert (settings.engine, settings.engine_url, settings.model_repo) == ("openai", SERVER["engine_url"], model_repo)
+
+
+def test_ignored_answers_are_named_in_one_line(tmp_path: Path, capfd):
+    render(tmp_path / "a", loader="remote-code", quantize="int8", **SERVER, **OFFLINE)
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert lines == ["Note: engine=openai ignores model_repo, loader, quantize (the model runs on the server at"
+                     " engine_url)."]
+    render(tmp_path / "b", engine_url="http://10.0.0.5:23333/v1", **OFFLINE)
+    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert lines == ["Note: engine=transformers ignores engine_url (only engine=openai uses them)."]
+    render(tmp_path / "c", **OFFLINE)
+    assert "Note:" not in capfd.readouterr().out
+
+
+def test_engine_openai_without_a_model_repo_checks_the_server_instead(tmp_path: Path, capfd):
+    from git_http_server import refused_port
+
+    sock, port = refused_port()
+    with sock:
+        render(tmp_path / "out", model_repo="", **dict(SERVER, engine_url=f"http://127.0.0.1:{port}/v1"),
+               validate_model_repo=True)
+    out, err = capfd.readouterr()
+    assert "Engine server check: http://127.0.0.1:" in out and "Model repo check" not in out
+    assert "Traceback" not in out + err

@@ -189,7 +189,9 @@ def test_thirty_gigabyte_pointers_do_not_fit_an_a10(rc, tiny_model: Path, tmp_pa
 def test_cpu_compares_with_this_machines_memory(rc, make_repo, monkeypatch):
     url = make_repo("cpu")
     assert statuses(rc.check_repo(url, "main", "cpu"))["7"] == "ok"
-    monkeypatch.setattr(rc, "machine_memory", lambda: 1024)
+    from xlab_chat.model import fit_check
+
+    monkeypatch.setattr(fit_check, "machine_memory", lambda: 1024)
     report = rc.check_repo(url, "main", "cpu")
     assert statuses(report)["7"] == "warn" and report.ok and "smaller model" in line(report, "7")
 

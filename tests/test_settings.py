@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,45 @@ def test_app_turns_analytics_off_unless_the_user_chose(tmp_path: Path):
         done = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=120,
                               env=env)
         assert done.stdout.split()[-2:] == expected.split(), done.stderr
+
+
+SUPPORTED = tuple(f"3.{minor}." for minor in range(8, 14))
+PYTHONS = [path for path in sorted(Path("/root/.pyenv/versions").glob("3.*/bin/python3"))  # those found here
+           if path.parent.parent.name.startswith(SUPPORTED)]
+
+
+def test_settings_json_is_written_for_a_reader_with_real_characters_and_a_prompt_list(tmp_path: Path):
+    folder = render(tmp_path, ui_language="zh", app_title="我的学习助手 <v2> & 'more'", validate_model_repo=False,
+                    example_prompts=" 请你介绍一下你自己 | 你能帮我做什么？ || 用 Python 写一个快速排序")
+    text = (folder / "settings.json").read_text(encoding="utf-8")
+    assert "\\u" not in text and '"app_title": "我的学习助手 <v2> & \'more\'"' in text
+    assert json.loads(text)["example_prompts"] == ["请你介绍一下你自己", "你能帮我做什么？", "用 Python 写一个快速排序"]
+    assert '\n    "你能帮我做什么？",\n' in text  # one prompt a line
+    assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("python", PYTHONS or [Path(sys.executable)], ids=lambda p: p.parent.parent.name)
+def test_every_supported_python_reads_the_new_and_the_old_settings_json(tmp_path: Path, python: Path):
+    """3.8 to 3.13 read the UTF-8 file with its list, and an app rendered before (a |-joined, escaped string)."""
+    folder = render(tmp_path / "new", ui_language="zh", validate_model_repo=False)
+    old = dict(json.loads((folder / "settings.json").read_text(encoding="utf-8")),
+               example_prompts="\u8bf7\u4f60\u4ecb\u7ecd\u4e00\u4e0b\u4f60\u81ea\u5df1|Hi|")
+    (tmp_path / "old.json").write_text(json.dumps(old, indent=2), encoding="ascii")  # as tojson wrote it
+    probe = ("import sys; from pathlib import Path; from xlab_chat.settings import load_defaults, load_settings;"
+             " [print(load_settings({}, load_defaults(Path(p))).example_prompts) for p in sys.argv[1:]]")
+    done = subprocess.run([str(python), "-c", probe, "settings.json", str(tmp_path / "old.json")], cwd=folder,
+                          capture_output=True, text=True, timeout=120, encoding="utf-8",
+                          env={"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["('请你介绍一下你自己', '你能帮我做什么？', '用 Python 写一个快速排序')",
+                                        "('请你介绍一下你自己', 'Hi')"]
+
+
+def test_example_prompts_env_override_is_a_bar_joined_line(app_modules):
+    from xlab_chat.settings import load_settings
+
+    listed = dict(DEFAULTS, example_prompts=["一", "二"])
+    assert load_settings({}, listed).example_prompts == ("一", "二")
+    assert load_settings({"EXAMPLE_PROMPTS": "Hello | How are you?"}, listed).example_prompts == ("Hello",
+                                                                                                  "How are you?")
+    assert load_settings({"EXAMPLE_PROMPTS": ""}, listed).example_prompts == ()

@@ -104,6 +104,13 @@ def load_defaults(path: Path = SETTINGS_FILE) -> dict:
     return data
 
 
+def prompt_list(value: object) -> Tuple[str, ...]:
+    """Example prompts from a JSON list (settings.json) or a ``|``-joined string (EXAMPLE_PROMPTS, and the
+    settings.json of apps rendered before the list)."""
+    items = value if isinstance(value, (list, tuple)) else str(value or "").split("|")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
 def check_number(name: str, text: object, kind: Callable) -> object:
     """Parse one numeric setting and check its range; shared with the template's pre-gen hook."""
     low, high = RANGES[name]
@@ -178,7 +185,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None, defaults: Optional[di
         app_title=text("app_title"),
         description=text("description"),
         ui_language=_choice(env, "ui_language", defaults.get("ui_language", "zh"), LANGUAGE_CHOICES),
-        example_prompts=tuple(p.strip() for p in text("example_prompts").split("|") if p.strip()),
+        example_prompts=prompt_list(env.get("EXAMPLE_PROMPTS", defaults.get("example_prompts", ""))),
         model_repo=model_repo,
         model_revision=text("model_revision").strip() or "main",
         model_dir=Path(env.get("MODEL_DIR") or APP_FOLDER / "model").expanduser().resolve(),

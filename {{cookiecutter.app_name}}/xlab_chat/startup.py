@@ -15,14 +15,16 @@ import time
 import traceback
 from pathlib import Path
 from typing import Optional, Tuple, Union
+from urllib.parse import urlsplit
 
-from .engines.openai_api import Endpoint, EndpointError, OpenAIEngine, check_endpoint
+from .engines.openai_api import OpenAIEngine
 from .engines.process import EngineProcess, LoadSpec
 from .engines.server import NAMES, ServerEngine
 from .model.adapter import OFFICIAL_BASES
 from .model.adapter_check import is_adapter
 from .model.check import check_settings
 from .model.download import ensure_model, local_copy_is_good
+from .model.endpoint import Endpoint, EndpointError, check_endpoint
 from .model.git_tools import RepoError
 from .model.llava_layout import OFFICIAL_CLIP, LlavaLayout, default_visual_encoder, find_llava
 from .model.repo_url import hub_of
@@ -46,6 +48,7 @@ class ModelStatus:
         self.engine: Optional[Engine] = None
         self.engine_name = ""  # what starts, e.g. LMDeploy (shown while it starts)
         self.images = False  # the model reads images (an XTuner LLaVA folder): the page shows its image chat
+        self.page_url = ""  # where the chat is, said again once it is ready
         self.ready = threading.Event()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -58,11 +61,12 @@ class ModelStatus:
         with self.lock:
             self.stage, self.error = "failed", message
         print(f"ERROR: {message}", flush=True)
+        print("The page still opens and shows this error: fix the cause, then start the app again.", flush=True)
 
     def succeed(self, engine: Engine) -> None:
-        with self.lock:
+        print(f"[engine] ready on {engine.label}" + (f": chat at {self.page_url}" if self.page_url else ""), flush=True)
+        with self.lock:  # said before /status says ready, so the log never lags behind the page
             self.stage, self.engine, self.error = "ready", engine, ""
-        print(f"[engine] ready on {engine.label}", flush=True)
         self.ready.set()
 
     engine_ready = succeed
@@ -227,8 +231,36 @@ def prepare(settings: Settings, status: ModelStatus, engine: Union[EngineProcess
         status.fail(f"the model could not be prepared ({type(error).__name__}: {error})")
 
 
+def page_url(settings: Settings) -> str:
+    """The address to open on this machine (a platform routes its own address to it)."""
+    host = "127.0.0.1" if settings.server_name in ("0.0.0.0", "::", "") else settings.server_name
+    return f"http://{host}:{settings.server_port}"
+
+
+def _without_login(url: str) -> str:
+    """The repo address without any login in it (a token never reaches the log)."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if parts.netloc else url
+
+
+def announce(settings: Settings, url: str) -> None:
+    """The first lines of ``python app.py``: where the page is, what the model is and where its files go."""
+    print(f"The page will be at {url} in a few seconds; it shows the start-up progress until the chat is ready.",
+          flush=True)
+    if settings.engine == "openai":
+        where = f"the engine server at {_without_login(settings.engine_url)}"
+        print(f"The model: {settings.engine_model} on {where}; nothing is downloaded.", flush=True)
+    elif settings.model_path is not None:
+        print(f"The model: the local folder {settings.model_path} (MODEL_PATH), used as it is.", flush=True)
+    else:
+        print(f"The model: {_without_login(settings.model_repo)} (revision {settings.model_revision}), downloaded once"
+              f" into {settings.model_dir} (MODEL_DIR); later starts check that copy and reuse it.", flush=True)
+
+
 def start_in_background(settings: Settings) -> ModelStatus:
     status = ModelStatus()
+    status.page_url = page_url(settings)
+    announce(settings, status.page_url)
     if settings.engine == "openai":
         threading.Thread(target=connect, args=(settings, status), name="engine-connect", daemon=True).start()
         return status

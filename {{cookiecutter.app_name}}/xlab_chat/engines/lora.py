@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ from ..model.adapter import (  # the stdlib rules the repo check uses too
     parse_adapter_config,
     read_adapter_config,
 )
-from .internlm2 import _read_safetensors
+from .safetensors_file import read_safetensors
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterError", "LoraUpdate", "assert_all_applied", "check_shapes", "delta_weight",
@@ -40,17 +40,16 @@ __all__ = [
     "read_adapter_weights",
 ]
 
-Reader = Callable[[Path], Dict[str, torch.Tensor]]
 _FIX = "re-export the adapter with `xtuner convert pth_to_hf` (or peft's save_pretrained)"
 
 
-def read_adapter_weights(folder: Path, read_safetensors: Optional[Reader] = None) -> Dict[str, torch.Tensor]:
-    """The saved adapter tensors by their saved names: adapter_model.safetensors (read with ``read_safetensors``,
-    e.g. internlm2._read_safetensors) or else adapter_model.bin (``torch.load(weights_only=True)``)."""
+def read_adapter_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    """The saved adapter tensors by their saved names: adapter_model.safetensors (read as the loader reads its
+    shards) or else adapter_model.bin (``torch.load(weights_only=True)``)."""
     path = adapter_weights_file(Path(folder))
     if path.suffix == ".safetensors":
         try:
-            return (read_safetensors or _read_safetensors)(path)  # the loader's own reader: no memory map
+            return read_safetensors(path)  # the loader's own reader: no memory map
         except AdapterError:
             raise
         except ValueError as exc:  # the app's reader raises ValueError with its own fix
@@ -120,11 +119,10 @@ def check_shapes(adapter_tensors: Mapping[str, torch.Tensor], config: Mapping[st
     return check_adapter_shapes({k: tuple(t.shape) for k, t in adapter_tensors.items()}, config, adapter_config)
 
 
-def load_adapter(folder: Path, base_config: Optional[Mapping[str, object]] = None,
-                 read_safetensors: Optional[Reader] = None) -> Adapter:
+def load_adapter(folder: Path, base_config: Optional[Mapping[str, object]] = None) -> Adapter:
     """Read, validate (config; shapes when base_config is given) and prepare an adapter folder."""
     config = read_adapter_config(Path(folder))
-    tensors = read_adapter_weights(Path(folder), read_safetensors)
+    tensors = read_adapter_weights(Path(folder))
     if base_config is not None:
         problems = check_shapes(tensors, base_config, config)
         if problems:

@@ -322,7 +322,7 @@ def _clone_verified(source: ModelSource, work: Path, env: Dict[str, str], secret
     _check_disk(work.parent, total)
     reused = _restore_lfs(keep, work)
     resumed = f", resuming with {reused / 1e6:,.1f} MB already here" if reused else ""
-    print(f"[model] {len(sizes)} LFS files, {total / 1e6:,.1f} MB to download{resumed}", flush=True)
+    print(f"[model] downloading {total / 1e6:,.1f} MB ({len(sizes)} files in LFS){resumed}", flush=True)
     finished = threading.Event()
     watcher = threading.Thread(target=_watch_transfer, args=(work / ".git" / "lfs", total, progress, finished),
                                daemon=True)
