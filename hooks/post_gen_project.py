@@ -23,6 +23,8 @@ ANSWERS = json.loads(r'''{
   "model_revision": {{ cookiecutter.model_revision | tojson }},
   "base_model_repo": {{ cookiecutter.base_model_repo | tojson }},
   "base_model_revision": {{ cookiecutter.base_model_revision | tojson }},
+  "visual_encoder_repo": {{ cookiecutter.visual_encoder_repo | tojson }},
+  "visual_encoder_revision": {{ cookiecutter.visual_encoder_revision | tojson }},
   "hardware": {{ cookiecutter.hardware | tojson }},
   "loader": {{ cookiecutter.loader | tojson }},
   "quantize": {{ cookiecutter.quantize | tojson }},
@@ -136,7 +138,9 @@ def main() -> int:
                                            user=os.environ.get("MODEL_REPO_USER", ""),
                                            platforms=ANSWERS["platforms"], quantize=ANSWERS["quantize"],
                                            engine=ANSWERS["engine"], base_repo=ANSWERS["base_model_repo"],
-                                           base_revision=ANSWERS["base_model_revision"])
+                                           base_revision=ANSWERS["base_model_revision"],
+                                           visual_repo=ANSWERS["visual_encoder_repo"],
+                                           visual_revision=ANSWERS["visual_encoder_revision"])
     except Exception as error:  # a bug in the check must not block generating the app
         print(f"WARNING: the model repo check could not run ({type(error).__name__}: {error}) — run"
               f" `python -m xlab_chat check` {where} later", file=sys.stderr)

@@ -24,7 +24,7 @@ def run(app_modules: Path, folder: Path, base: str, clip: Path) -> list:
     from xlab_chat.model import check
     from xlab_chat.model.llava_check import check_llava_repo, is_llava_listing
 
-    sizes, lfs = check._scan(folder)
+    sizes, lfs = check.scan_folder(folder)
     listing = check.Listing(folder, sizes, lfs, local_folder=True)
     assert is_llava_listing(list(sizes))
     return check_llava_repo(
@@ -84,3 +84,22 @@ def test_downloads_take_only_the_files_the_loaders_read(world: dict, app_modules
                  and p.name != ".gitattributes")
     want = sorted(str(p.relative_to(world["full"])) for p in world["full"].rglob("*") if p.is_file())
     assert got == want
+
+
+def test_the_whole_check_runs_the_llava_checks_on_published_repos(world: dict, app_modules: Path,
+                                                                   tmp_path: Path) -> None:
+    """check_repo (the hook's, the CLI's and the app's pre-flight check) on three real LFS remotes: the LLaVA folder,
+    its base LLM and its CLIP tower; without a base, and with a server engine, it fails with the fix."""
+    from xlab_chat.model import check
+
+    urls = {name: lf.publish_tree(world[name], tmp_path / f"{name}.git") for name in ("full", "base", "clip")}
+    report = check.check_repo(urls["full"], hardware="cpu", base_repo=urls["base"], visual_repo=urls["clip"])
+    assert not report.failed, report.render()
+    titles = [line.title for line in report.checks]
+    assert "2 LLaVA parts" in titles and "4 projector fits CLIP" in titles and "base 5 weights" in titles
+    alone = check.check_repo(urls["full"], hardware="cpu", visual_repo=urls["clip"])
+    assert [line.title for line in alone.failed] == ["3 base model"]
+    assert "internlm2-chat" in alone.failed[0].fix
+    served = check.check_repo(urls["full"], hardware="a10-24gb", engine="vllm", base_repo=urls["base"],
+                              visual_repo=urls["clip"])
+    assert any(line.title == "9 engine vllm" and "XTuner's LLaVA format" in line.detail for line in served.failed)

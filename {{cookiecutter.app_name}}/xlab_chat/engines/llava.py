@@ -59,7 +59,7 @@ def read_projector(folder: Path, dtype: torch.dtype) -> nn.Sequential:
     """XTuner's projector without its remote code: Linear, then (activation, Linear) for each extra depth."""
     from transformers.activations import ACT2FN
 
-    from .internlm2 import _read_safetensors
+    from .safetensors_file import read_safetensors
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     visual, hidden, depth = int(config["visual_hidden_size"]), int(config["llm_hidden_size"]), int(config["depth"])
@@ -69,7 +69,7 @@ def read_projector(folder: Path, dtype: torch.dtype) -> nn.Sequential:
         layers += [ACT2FN[config.get("hidden_act", "gelu")], nn.Linear(hidden, hidden, bias=bias)]
     projector = nn.Sequential(*layers)
     if (folder / "model.safetensors").is_file():
-        tensors = _read_safetensors(folder / "model.safetensors")
+        tensors = read_safetensors(folder / "model.safetensors")
     elif (folder / "pytorch_model.bin").is_file():
         tensors = torch.load(str(folder / "pytorch_model.bin"), map_location="cpu", weights_only=True)
     else:
@@ -101,10 +101,10 @@ def load_tower(folder: Path, dtype: torch.dtype, adapter_folder: Optional[Path])
     """CLIPVisionModel from a CLIP folder (whole CLIPModel repos too), with the visual LoRA merged in memory."""
     from transformers import CLIPVisionModel
 
+    from .hf_compat import dtype_keyword
     from .lora import load_adapter, merge_into_model
-    from .transformers_engine import _dtype_keyword
 
-    tower = CLIPVisionModel.from_pretrained(str(folder), **{_dtype_keyword(): torch.float32})
+    tower = CLIPVisionModel.from_pretrained(str(folder), **{dtype_keyword(): torch.float32})
     if adapter_folder is not None:
         adapter = load_adapter(adapter_folder)
         _align_adapter_names(adapter, [name for name, _ in tower.named_parameters()])

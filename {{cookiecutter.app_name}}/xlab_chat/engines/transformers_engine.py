@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .hf_compat import dtype_keyword
 from .images import MAX_IMAGES, TEXT_ONLY, TOO_MANY, ImageError
 from .internlm2 import check_supported, is_internlm2, load_internlm2_as_llama, native_tokenizer, reset_dynamic_rope
 from .protocol import InputTooLong, Message
@@ -122,7 +121,7 @@ def load_model(path: Path, placement: Placement, loader: str, adapter_path: Opti
             model = load_internlm2_as_llama(path, placement.dtype, placement.device, quantize_int8=placement.int8,
                                             adapter=adapter)
             return model, native_tokenizer(path)
-    kwargs: Dict[str, object] = {_dtype_keyword(): placement.dtype, "trust_remote_code": remote}
+    kwargs: Dict[str, object] = {dtype_keyword(): placement.dtype, "trust_remote_code": remote}
     if placement.device == "cuda":
         kwargs["device_map"] = "cuda"  # weights go straight to the GPU, no CPU copy
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
@@ -146,11 +145,6 @@ def vision_dtype(placement: Placement) -> torch.dtype:
     if placement.int8:
         return torch.bfloat16 if cpu_runs_bf16_well() else torch.float32
     return placement.dtype
-
-
-def _dtype_keyword() -> str:
-    """transformers renamed torch_dtype to dtype in 4.56; pass the one this version knows."""
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 class _Cancelled(StoppingCriteria):

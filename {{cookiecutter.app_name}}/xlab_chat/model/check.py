@@ -36,6 +36,8 @@ from .fit_check import check_fit
 from .git_tools import RepoError, git_env
 from .lfs_check import Remote, check_lfs
 from .listing import Listing, list_remote, scan_folder
+from .llava_check import check_llava_repo, is_llava_listing
+from .llava_layout import default_visual_encoder
 from .repo_url import LOCAL, MODELSCOPE, RepoURLError, normalise
 from .report import (
     DEFAULT_TIMEOUT,
@@ -94,7 +96,8 @@ def _local_path(repo: str) -> Optional[Path]:
 def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader: str = "native",
                dtype: str = "auto", token: str = "", user: str = "", timeout: Optional[float] = None,
                hub: Optional[str] = None, platforms: str = "local", quantize: str = "auto",
-               engine: str = "transformers", base_repo: str = "", base_revision: str = "main") -> Report:
+               engine: str = "transformers", base_repo: str = "", base_revision: str = "main",
+               visual_repo: str = "", visual_revision: str = "main") -> Report:
     """Run every check; never raises for a problem of the repo or the network.
 
     ``platforms`` is where the app will run: the answer's hosted platforms have the fit judged on their
@@ -103,6 +106,7 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
     deadline = Deadline(check_timeout() if timeout is None else min(timeout, MAX_TIMEOUT))
     report = Report(repo, revision or "main", hardware)
     report.base_repo, report.base_revision = base_repo, base_revision or "main"
+    report.visual_repo, report.visual_revision = visual_repo, visual_revision or "main"
     if "://" not in repo and repo.strip() and Path(repo.strip()).expanduser().exists():
         repo = str(Path(repo.strip()).expanduser().resolve())  # a relative folder (MODEL_PATH=./merged)
     try:
@@ -149,9 +153,12 @@ def check_repo(repo: str, revision: str = "main", hardware: str = "auto", loader
 def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loader: str, dtype: str,
                 remote: Optional[Remote], deadline: Deadline, platforms: str, quantize: str,
                 engine: str = "transformers") -> None:
+    options = dict(hardware=hardware, loader=loader, dtype=dtype, platforms=platforms, quantize=quantize, engine=engine)
+    if is_llava_listing(list(listing.sizes)):
+        _run_llava_checks(report, listing, hub, remote, deadline, options)
+        return
     if is_adapter(list(listing.sizes)):
-        _run_adapter_checks(report, listing, remote, deadline, dict(
-            hardware=hardware, loader=loader, dtype=dtype, platforms=platforms, quantize=quantize, engine=engine))
+        _run_adapter_checks(report, listing, remote, deadline, options)
         return
     config_check, config = check_config(listing, loader)
     report.config = config
@@ -172,26 +179,61 @@ def _run_checks(report: Report, listing: Listing, hub: str, hardware: str, loade
         report.checks.append(engine_check)
 
 
-def _run_adapter_checks(report: Report, listing: Listing, remote: Optional[Remote], deadline: Deadline,
-                        options: dict) -> None:
-    """A LoRA adapter repo: the adapter itself, then the base model it needs, checked as usual."""
+def _base_checker(remote: Optional[Remote], deadline: Deadline, options: dict):
+    """check_repo for the base model an adapter or LLaVA folder needs; the token is for the first repo's host only."""
     def check_base(repo: str, revision: str) -> Report:
-        shared = remote is not None and same_host(repo, remote.url)  # the token is for the adapter's host only
+        shared = remote is not None and same_host(repo, remote.url)
         return check_repo(repo, revision, token=remote.token if shared else "", user=remote.user if shared else "",
                           timeout=max(1.0, deadline.end - time.monotonic()), **options)
 
+    return check_base
+
+
+def _run_adapter_checks(report: Report, listing: Listing, remote: Optional[Remote], deadline: Deadline,
+                        options: dict) -> None:
+    """A LoRA adapter repo: the adapter itself, then the base model it needs, checked as usual."""
     if options["engine"] not in ("transformers",):
         report.checks.append(Check(f"9 engine {options['engine']}", FAIL, "a LoRA adapter: the engine servers"
                                    " serve whole models only", "answer engine=transformers (it merges the adapter"
                                    " at load), or deploy the merged model (xtuner convert merge)"))
 
     report.checks += check_adapter_repo(listing, remote.url if remote else str(listing.root), report.base_repo,
-                                        report.base_revision, check_base, Check,
+                                        report.base_revision, _base_checker(remote, deadline, options), Check,
                                         {"ok": OK, "warn": WARN, "fail": FAIL, "info": INFO})
     adapter_files = [name for name in listing.lfs if name.startswith("adapter_model")]
     lfs = check_lfs(listing, adapter_files, remote, deadline)
     lfs.title = "6 adapter in LFS"
     report.checks.append(lfs)
+
+
+def _run_llava_checks(report: Report, listing: Listing, hub: str, remote: Optional[Remote], deadline: Deadline,
+                      options: dict) -> None:
+    """An XTuner LLaVA folder: its parts, the base LLM checked as usual, and the CLIP tower's config."""
+    if options["engine"] not in ("transformers",):
+        report.checks.append(Check(f"9 engine {options['engine']}", FAIL, "an XTuner LLaVA folder: LMDeploy and vLLM"
+                                   " do not load XTuner's LLaVA format", "answer engine=transformers (it runs the"
+                                   " projector, CLIP and both adapters as xtuner chat does)"))
+
+    def visual_config(repo: str, revision: str) -> Optional[dict]:
+        try:
+            source = resolve_source(repo, revision)
+            if source.local_folder is not None:
+                sizes, lfs = scan_folder(source.local_folder)
+                return Listing(source.local_folder, sizes, lfs, local_folder=True).read_json("config.json")[0]
+            shared = remote is not None and same_host(repo, remote.url)
+            env = git_env(remote.token if shared else "", remote.user if shared else "")
+            with tempfile.TemporaryDirectory(prefix="clip-check-") as work:
+                listing = list_remote(source.url, source.revision, Path(work) / "repo", env, deadline,
+                                      (remote.token,) if shared else ())
+                return listing.read_json("config.json")[0]
+        except (RepoError, RepoURLError, OSError):
+            return None
+
+    report.checks += check_llava_repo(listing, remote.url if remote else str(listing.root), report.base_repo,
+                                      report.base_revision, report.visual_repo or default_visual_encoder(hub),
+                                      report.visual_revision,
+                                      _base_checker(remote, deadline, options), visual_config, Check,
+                                      {"ok": OK, "warn": WARN, "fail": FAIL, "info": INFO})
 
 
 def _skip_rest(report: Report) -> Report:
@@ -217,6 +259,8 @@ def check_settings(settings: object, timeout: Optional[float] = None) -> Report:
         engine="command" if getattr(settings, "engine_command", "") else getattr(settings, "engine", "transformers"),
         base_repo=getattr(settings, "base_model_repo", ""),
         base_revision=getattr(settings, "base_model_revision", "main"),
+        visual_repo=getattr(settings, "visual_encoder_repo", ""),
+        visual_revision=getattr(settings, "visual_encoder_revision", "main"),
     )
 
 
@@ -273,6 +317,10 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     parser.add_argument("--base-repo", default=pick("base_model_repo", ""),
                         help="the base model, when the repo holds a LoRA adapter (default: BASE_MODEL_REPO)")
     parser.add_argument("--base-revision", default=pick("base_model_revision", "main"))
+    parser.add_argument("--visual-encoder-repo", default=pick("visual_encoder_repo", ""),
+                        help="the CLIP tower of an XTuner LLaVA folder (default: VISUAL_ENCODER_REPO, else"
+                             " clip-vit-large-patch14-336 on the model's hub)")
+    parser.add_argument("--visual-encoder-revision", default=pick("visual_encoder_revision", "main"))
     parser.add_argument("--engine", default=pick("engine", "transformers").lower(), choices=ENGINE_CHOICES,
                         help="engine=openai checks ENGINE_URL / ENGINE_MODEL (key from ENGINE_API_KEY) instead")
     parser.add_argument("--platforms", default=pick("platforms", "local").lower(),
@@ -292,7 +340,8 @@ def cli(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
     report = check_repo(args.repo, args.revision, args.hardware, args.loader, args.dtype,
                         token=env.get("MODEL_REPO_TOKEN", ""), user=env.get("MODEL_REPO_USER", ""),
                         timeout=args.timeout, platforms=args.platforms, quantize=args.quantize, engine=args.engine,
-                        base_repo=args.base_repo, base_revision=args.base_revision)
+                        base_repo=args.base_repo, base_revision=args.base_revision,
+                        visual_repo=args.visual_encoder_repo, visual_revision=args.visual_encoder_revision)
     return _finish(report)
 
 

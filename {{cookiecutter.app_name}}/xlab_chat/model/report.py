@@ -50,6 +50,8 @@ class Report:
     config: Optional[dict] = None  # the repo's config.json, when it could be read (an adapter's base needs it)
     base_repo: str = ""  # the base model, when the repo holds a LoRA adapter
     base_revision: str = "main"
+    visual_repo: str = ""  # an XTuner LLaVA folder's CLIP tower ("" picks the default on the model's hub)
+    visual_revision: str = "main"
 
     @property
     def failed(self) -> List[Check]:
