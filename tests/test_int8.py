@@ -181,7 +181,7 @@ def test_the_choice_is_the_fastest_kernel_for_each_phase(app_modules):
     from xlab_chat.engines.kernels import choose
 
     decode = {"fbgemm": 2.0, "int8pack": 1.0, "per-token": 3.0}
-    prefill = {"fbgemm": 4.0, "int8pack": 9.0, "per-token": 5.0, "float": 6.0}
+    prefill = {"fbgemm": 1.0, "int8pack": 9.0, "per-token": 5.0, "float": 6.0}
     split = choose(decode, prefill, second_copy_bytes=10, available_bytes=100)
     assert (split.decode, split.prefill, split.extra_bytes) == ("int8pack", "fbgemm", 10)
     assert split.label == "int8pack, prefill fbgemm"
@@ -192,16 +192,19 @@ def test_the_choice_is_the_fastest_kernel_for_each_phase(app_modules):
     assert (same.decode, same.prefill, same.extra_bytes, same.label) == ("fbgemm", "fbgemm", 0, "fbgemm")
 
 
-def test_without_room_for_a_second_layout_one_kernel_runs_both_phases(app_modules):
-    from xlab_chat.engines.kernels import TURN, choose
+def test_a_second_weight_layout_only_when_it_fits_and_pays(app_modules):
+    from xlab_chat.engines.kernels import SPLIT_GAIN, TURN, choose
 
     decode = {"fbgemm": 2.0, "int8pack": 1.0, "per-token": 1.5}
-    prefill = {"fbgemm": 4.0, "int8pack": 9.0, "per-token": 5.0, "float": 6.0}
+    prefill = {"fbgemm": 1.0, "int8pack": 9.0, "per-token": 5.0, "float": 6.0}
     for available in (19, None):  # too little free RAM, or a system that does not say
         single = choose(decode, prefill, second_copy_bytes=10, available_bytes=available)
-        cost = {name: TURN[0] * prefill[name] + TURN[1] * decode[name] for name in decode}
-        assert single.decode == single.prefill == min(cost, key=cost.__getitem__) == "fbgemm"
-        assert single.extra_bytes == 0 and "does not fit" in single.note
+        assert (single.decode, single.prefill, single.extra_bytes) == ("fbgemm", "fbgemm", 0)
+        assert "does not fit" in single.note
+    # int8pack + fbgemm would be the fastest pair, but fbgemm alone is within SPLIT_GAIN of it: one layout
+    close = {**decode, "int8pack": 2.0 - 0.5 * SPLIT_GAIN * (TURN[0] + 2 * TURN[1]) / TURN[1]}
+    near = choose(close, prefill, second_copy_bytes=10, available_bytes=100)
+    assert (near.decode, near.prefill, near.extra_bytes) == ("fbgemm", "fbgemm", 0) and "under 10%" in near.note
 
 
 def test_one_row_runs_on_the_decode_kernel_and_many_rows_on_the_prefill_kernel(app_modules):

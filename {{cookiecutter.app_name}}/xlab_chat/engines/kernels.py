@@ -22,11 +22,12 @@ from torch import Tensor
 
 Weight = Tuple[Tensor, Tensor]  # q int8 [N, K], scale float32 [N]
 MANY_ROWS = 16  # a call with this many rows or more is a prefill and uses the prefill kernel
-PREFILL_ROWS = 64  # rows per call when timing prefill: enough for every kernel to reach its many-row speed
+PREFILL_ROWS = 256  # rows per call when timing prefill: a short chat's prompt, long enough to amortise a conversion
 DECODE_SAMPLE_BYTES = 256 * 2**20  # more than any CPU cache, so decode timings read weights from memory as a step does
-PREFILL_SAMPLE_BYTES = 64 * 2**20  # about one layer of a 1.8B model; prefill is bound by arithmetic, not memory
+PREFILL_SAMPLE_BYTES = 32 * 2**20  # half a layer of a 1.8B model; prefill is bound by arithmetic, not memory
 FALLBACK = "float"  # right everywhere, fast nowhere: what runs before a choice, or when no int8 kernel does
-TURN = (1000, 128)  # prompt and reply tokens: how a choice that must use one kernel for both phases weighs them
+TURN = (1000, 128)  # prompt and reply tokens: how the choice weighs the two phases against each other
+SPLIT_GAIN = 0.1  # a second weight layout (about 1 byte per parameter more) must save this share of a turn
 
 
 def _aligned(x: Tensor) -> Tensor:
@@ -118,19 +119,40 @@ class Choice:
                 f"{row(self.prefill_ms)})")
 
 
+def _turn_ms(decode_ms: Dict[str, float], prefill_ms: Dict[str, float], pair: Tuple[str, str]) -> float:
+    return TURN[1] * decode_ms[pair[0]] + TURN[0] * prefill_ms[pair[1]]
+
+
+def _two_layouts(pair: Tuple[str, str]) -> bool:
+    """fbgemm reads its own packed copy, every other kernel reads q: a pair mixing them keeps both."""
+    return pair[0] != pair[1] and KERNELS[pair[0]].own_copy != KERNELS[pair[1]].own_copy
+
+
 def choose(decode_ms: Dict[str, float], prefill_ms: Dict[str, float], second_copy_bytes: int,
            available_bytes: Optional[int]) -> Choice:
-    """The fastest kernel for each phase; one kernel for both when their two layouts would not fit in RAM."""
-    decode = min(decode_ms, key=decode_ms.__getitem__, default=FALLBACK)
-    prefill = min(prefill_ms, key=prefill_ms.__getitem__, default=FALLBACK)
-    if decode == prefill or not (KERNELS[decode].own_copy or KERNELS[prefill].own_copy):
-        return Choice(decode, prefill, decode_ms, prefill_ms)
-    if available_bytes is not None and second_copy_bytes <= available_bytes // 2:
-        return Choice(decode, prefill, decode_ms, prefill_ms, second_copy_bytes)
-    both = [name for name in decode_ms if name in prefill_ms]
-    single = min(both, key=lambda name: TURN[0] * prefill_ms[name] + TURN[1] * decode_ms[name], default=FALLBACK)
-    why = "one kernel for both phases: a second weight layout does not fit in the free RAM"
-    return Choice(single, single, decode_ms, prefill_ms, note=why)
+    """The fastest kernel for each phase, among those that prefill no slower than the float matmul.
+
+    A pair that needs two weight layouts is taken only when the second fits in half the free RAM and saves at least
+    ``SPLIT_GAIN`` of a turn's time (``TURN``) over the best pair that needs one; else that one-layout pair runs.
+    """
+    if not decode_ms or FALLBACK not in prefill_ms:
+        return Choice(FALLBACK, FALLBACK, decode_ms, prefill_ms, note="no int8 kernel runs here")
+    prefills = [name for name, ms in prefill_ms.items() if ms <= prefill_ms[FALLBACK]]
+    pairs = [(decode, prefill) for decode in decode_ms for prefill in prefills]
+    # one layout: among the pairs above, or (fbgemm alone running here) any prefill kernel
+    singles = [pair for pair in pairs if not _two_layouts(pair)] or [
+        (decode, prefill) for decode in decode_ms for prefill in prefill_ms if not _two_layouts((decode, prefill))]
+    best, single = (min(options, key=lambda pair: _turn_ms(decode_ms, prefill_ms, pair))
+                    for options in (pairs, singles))
+    if not _two_layouts(best):
+        return Choice(*best, decode_ms, prefill_ms)
+    if _turn_ms(decode_ms, prefill_ms, best) > (1 - SPLIT_GAIN) * _turn_ms(decode_ms, prefill_ms, single):
+        return Choice(*single, decode_ms, prefill_ms, note=f"{'+'.join(best)} would save under "
+                      f"{SPLIT_GAIN:.0%} for a second weight layout")
+    if available_bytes is None or second_copy_bytes > available_bytes // 2:
+        return Choice(*single, decode_ms, prefill_ms, note=f"{'+'.join(best)} needs a second weight layout, "
+                      "which does not fit in the free RAM")
+    return Choice(*best, decode_ms, prefill_ms, second_copy_bytes)
 
 
 def available_memory() -> Optional[int]:
@@ -188,7 +210,7 @@ def measure(weights: Sequence[Weight], dtype: torch.dtype, names: Sequence[str] 
     """Estimated ms per token over all ``weights`` for each kernel that runs them right, at one row and at many.
 
     Decode runs over the first 256 MiB of weights, so timings include reading them from memory; prefill over the
-    first 64 MiB at 64 rows. Both are scaled to the whole model by its share of the weights.
+    first 32 MiB at 256 rows. Both are scaled to the whole model by its share of the weights.
     """
     decode_sample = _sample(weights, DECODE_SAMPLE_BYTES)
     prefill_sample = decode_sample[:len(_sample(weights, PREFILL_SAMPLE_BYTES))]
