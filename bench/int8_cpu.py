@@ -37,6 +37,7 @@ torch.set_num_threads(2)
 sys.path.insert(0, sys.argv[2])
 from xlab_chat.engines import int8
 from xlab_chat.engines.internlm2 import load_internlm2_as_llama
+from xlab_chat.engines.transformers_engine import choose_placement
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -44,10 +45,11 @@ def status(key):
             return int(line.split()[1]) * 1024
 variant, folder = sys.argv[1], sys.argv[3]
 before = status("VmRSS")
-dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": int8.preferred_compute_dtype()}[variant]
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": choose_placement("cpu", "auto", "int8").dtype}[variant]
 start = time.perf_counter()
 model = load_internlm2_as_llama(folder, dtype, quantize_int8=variant == "int8")
 load_s = time.perf_counter() - start
+kernels = int8.use_fastest_kernels_(model, dtype)[0].label if variant == "int8" else ""
 peak = status("VmHWM") - before
 weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
 weight_bytes += int8.int8_weight_bytes(model)  # what decoding reads per token (one embedding row aside)
@@ -62,7 +64,7 @@ with torch.inference_mode():
     start = time.perf_counter()
     model.generate(prompt, max_new_tokens=new + 1, min_new_tokens=new + 1, do_sample=False, pad_token_id=2)
     total = time.perf_counter() - start
-print(json.dumps({"variant": variant, "backend": int8.pick_backend() if variant == "int8" else "",
+print(json.dumps({"variant": variant, "backend": kernels,
                   "tok_s": new / max(total - first, 1e-9), "load_s": load_s, "load_peak_bytes": peak,
                   "weight_bytes_per_token": weight_bytes, "resident_weight_bytes": resident}))
 """
@@ -80,24 +82,26 @@ print(json.dumps({"copy_bytes_per_s": 2 * a.numel() / runs[len(runs) // 2]}))
 """
 
 
-def build() -> Path:
-    """The checkpoint, once: bf16 InternLM2 weights in 4 shards, its config and a (small) InternLM2 tokenizer."""
+def build(folder: Path = FOLDER, shape: dict = SHAPE, shards: int = 4) -> Path:
+    """The checkpoint, once: bf16 InternLM2 weights in shards, its config and a (small) InternLM2 tokenizer."""
     from internlm2_fixture import _internlm2_config, _write_tokenizer, _write_weights, internlm2_weights
 
-    if not (FOLDER / "tokenizer.model").exists():
-        FOLDER.mkdir(parents=True, exist_ok=True)
-        _write_tokenizer(FOLDER)  # the app's start checks the repo is complete; the ids it makes fit any vocab
-    if (FOLDER / "model.safetensors.index.json").exists():
-        return FOLDER
+    if not (folder / "tokenizer.model").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_tokenizer(folder)  # the app's start checks the repo is complete; the ids it makes fit any vocab
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
     import torch
 
-    FOLDER.mkdir(parents=True, exist_ok=True)
-    config = _internlm2_config(SHAPE["vocab_size"], SHAPE["hidden"], SHAPE["layers"], SHAPE["heads"],
-                               SHAPE["kv_heads"], SHAPE["intermediate"], 4096, 1e6, None, False, "bfloat16")
-    weights = {name: tensor.to(torch.bfloat16) for name, tensor in internlm2_weights(config).items()}
-    _write_weights(FOLDER, weights, "safetensors", 4)
-    (FOLDER / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    return FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _internlm2_config(shape["vocab_size"], shape["hidden"], shape["layers"], shape["heads"],
+                               shape["kv_heads"], shape["intermediate"], 4096, 1e6, None, False, "bfloat16")
+    weights = internlm2_weights(config)
+    for name in list(weights):  # one tensor at a time: the float32 and bfloat16 copies never coexist whole
+        weights[name] = weights[name].to(torch.bfloat16)
+    _write_weights(folder, weights, "safetensors", shards)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
 
 
 def child(code: str, *args: str) -> dict:

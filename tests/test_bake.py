@@ -24,7 +24,7 @@ RUNTIME = {
     "xlab_chat/model/adapter_check.py", "xlab_chat/model/answers.py", "xlab_chat/model/endpoint.py",
     "xlab_chat/model/engine_check.py", "xlab_chat/model/files_check.py", "xlab_chat/model/fit_check.py",
     "xlab_chat/model/lfs_check.py", "xlab_chat/model/listing.py", "xlab_chat/model/report.py",
-    "xlab_chat/engines/safetensors_file.py", "xlab_chat/engines/hf_compat.py",
+    "xlab_chat/engines/safetensors_file.py", "xlab_chat/engines/hf_compat.py", "xlab_chat/engines/kernels.py",
     "xlab_chat/engines/llava.py", "xlab_chat/engines/images.py", "xlab_chat/model/llava_layout.py",
     "xlab_chat/model/llava_check.py", "xlab_chat/model/loader_files.py", "xlab_chat/page/uploads.py",
     "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",

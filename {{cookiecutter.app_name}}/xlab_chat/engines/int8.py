@@ -1,57 +1,35 @@
-"""Int8 weight-only quantisation of ``nn.Linear`` for CPU inference (torch only).
+"""Int8 weights for ``nn.Linear`` in CPU inference (torch only).
 
-Why: decoding one token on a 2-vCPU box is memory-bandwidth bound (every weight
-is read once per token), so storing weights as int8 (1 byte) instead of bf16 (2)
-or fp32 (4) raises tokens/s roughly in proportion, and halves/quarters RAM.
-
-Backends, in order of preference (see ``pick_backend``):
-
-``"int8pack"``  ``torch._weight_int8pack_mm(x_bf16, w_int8, scales_bf16)``.
-    True weight-only (W8A16): activations stay bf16, so quality equals the
-    dequantised-weight model. Fused kernel reads the int8 weight directly.
-    Exists since torch 2.3 (CPU + MPS). On x86 only the **bf16** activation path
-    is vectorised (AVX2/AVX512); fp32/fp16 activations hit a scalar loop that is
-    ~50-80x slower, so this backend casts activations to bf16 and the model
-    should run in bf16. The x86 kernel has no K tail and uses aligned loads, so
-    it is used only when ``in_features % 16 == 0`` and the activation rows are
-    32-byte aligned (we copy if not).
-``"fbgemm"``    ``torch.ops.quantized.linear_dynamic`` on a per-channel packed
-    weight: the kernel ``quantize_dynamic`` uses, called directly (no
-    dependency on the deprecated ``torch.ao.quantization.quantize_dynamic``).
-    Available in every torch we admit (>= 2.1) on x86. It is W8A8-dynamic:
-    activations are quantised per tensor to 7-bit uint8 on the fly, which is
-    fast but loses accuracy when activations have outlier channels (common in
-    trained LLMs). Quantised-tensor constructors are themselves deprecated in
-    torch >= 2.12 (warning), so this is the fallback for torch < 2.3.
-``"dequant"``   ``(x @ w_int8.to(x.dtype).T) * scale``: works everywhere but is
-    slower than a plain bf16 Linear (converts the weight each call); only
-    saves RAM. ``supported()`` returns False when this is all we have, so the
-    caller can keep bf16/fp32 instead.
+Why: decoding one token on a 2-vCPU box reads every weight once, so storing weights as int8 (1 byte) instead of
+bf16 (2) or fp32 (4) raises tokens/s and halves or quarters RAM. Which kernel multiplies by them is chosen by
+timing on the model's own Linears (engines/kernels.py), for decode and prefill apart: ``use_fastest_kernels_``.
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from . import kernels
+
 __all__ = [
     "quantize_weight",
     "Int8Linear",
-    "pick_backend",
+    "available",
     "supported",
     "quantize_model_",
     "quantize_loaded_linears_",
+    "use_kernels_",
+    "use_fastest_kernels_",
     "int8_weight_bytes",
 ]
 
-_BACKENDS = ("int8pack", "fbgemm", "dequant")
 # Kept in float: the embeddings (a lookup, not a matmul). The output head is quantised too: measured on
 # 2 cores, a bf16 matrix-vector product over InternLM2's 92544-row head costs as much as the rest of a
 # small model, and int8 there changes greedy tokens no more than elsewhere (tests/test_int8.py).
 KEEP_FLOAT = ("embed_tokens", "tok_embeddings", "wte", "word_embeddings")
-_backend_cache: Optional[str] = None
+_available: Optional[List[str]] = None
 
 
 # --------------------------------------------------------------------------- #
@@ -83,154 +61,87 @@ def quantize_weight(weight: Tensor, chunk_rows: int = 4096) -> Tuple[Tensor, Ten
 
 
 # --------------------------------------------------------------------------- #
-# backend detection
+# what runs here
 # --------------------------------------------------------------------------- #
-def _has_int8pack() -> bool:
-    return hasattr(torch, "_weight_int8pack_mm") or hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def _probe(backend: str) -> bool:
-    """Run a tiny matmul on ``backend`` and compare with fp32: catches missing
-    ops, missing CPU kernels and wrong-result builds without trusting versions."""
-    try:
+def available() -> List[str]:
+    """The int8 kernels that give right results in this process, on a small weight (cached)."""
+    global _available
+    if _available is None:
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(48, 64, generator=g)
-        x = torch.randn(3, 64, generator=g)
-        lin = nn.Linear(64, 48, bias=True)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            lin.bias.copy_(torch.randn(48, generator=g))
-        m = Int8Linear.from_linear(lin, backend=backend)
-        with torch.no_grad(), warnings.catch_warnings():
-            ref = lin(x)
-            warnings.simplefilter("ignore")
-            out = m(x.to(torch.bfloat16) if backend == "int8pack" else x).float()
-        err = (out - ref).norm() / ref.norm()
-        return bool(torch.isfinite(out).all()) and float(err) < 0.05
-    except Exception:
-        return False
-
-
-def pick_backend() -> str:
-    """Fastest quality-preserving backend that works in this process (cached)."""
-    global _backend_cache
-    if _backend_cache is None:
-        if _has_int8pack() and _probe("int8pack"):
-            _backend_cache = "int8pack"
-        elif _probe("fbgemm"):
-            _backend_cache = "fbgemm"
-        else:
-            _backend_cache = "dequant"
-    return _backend_cache
+        weight = quantize_weight(torch.randn(48, 64, generator=g))
+        names = [name for name in kernels.KERNELS if name != kernels.FALLBACK]
+        found = []
+        for name in names:
+            try:
+                prepared = kernels.KERNELS[name].prepare(*weight)
+            except (RuntimeError, NotImplementedError, ValueError):
+                continue
+            if kernels.works(kernels.KERNELS[name], prepared, weight, torch.float32):
+                found.append(name)
+        _available = found
+    return _available
 
 
 def supported() -> bool:
-    """True when an int8 backend faster than bf16/fp32 runs here.
-
-    ``dequant`` alone saves RAM but is slower than bf16, so it doesn't count:
-    callers should then load bf16 (or fp32) instead.
-    """
-    return pick_backend() in ("int8pack", "fbgemm")
-
-
-def preferred_compute_dtype(backend: Optional[str] = None) -> torch.dtype:
-    """Dtype the rest of the model should run in for ``backend``:
-    bf16 for int8pack (its only fast activation dtype), fp32 for fbgemm
-    (it takes/returns fp32), bf16 otherwise."""
-    return torch.float32 if (backend or pick_backend()) == "fbgemm" else torch.bfloat16
+    """True when an int8 kernel runs here; converting the weights per call alone saves RAM but is slower than
+    bf16/fp32, so then callers should load the model in float instead."""
+    return bool(available())
 
 
 # --------------------------------------------------------------------------- #
 # module
 # --------------------------------------------------------------------------- #
 class Int8Linear(nn.Module):
-    """Linear layer with int8 weight + per-output-channel scale (+ bias).
+    """Linear layer with an int8 weight, a per-output-channel scale and a bias.
 
-    Output dtype follows the input dtype. The weight is stored once: for
-    ``fbgemm`` the packed fbgemm object *is* the storage (the plain int8 copy
-    is dropped so RAM stays ~1 byte/param).
+    One row (a decode step) runs on ``decode_kernel``, many rows (a prompt) on ``prefill_kernel``; output dtype
+    follows the input. Until ``use_kernels`` it converts the weight per call (``kernels.FALLBACK``): right, slow.
+    The weight is held once, unless the two kernels need two layouts (fbgemm's packed copy beside ``q``).
     """
 
-    def __init__(
-        self,
-        q_weight: Tensor,
-        scale: Tensor,
-        bias: Optional[Tensor] = None,
-        backend: Optional[str] = None,
-    ) -> None:
+    def __init__(self, q_weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> None:
         super().__init__()
-        backend = backend or pick_backend()
-        if backend not in _BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}")
         self.out_features, self.in_features = q_weight.shape
-        if backend == "int8pack" and self.in_features % 16 != 0:
-            backend = "fbgemm" if pick_backend() != "dequant" and _probe("fbgemm") else "dequant"
-        self.backend = backend
+        self.weight_int8: Optional[Tensor]
         self.bias: Optional[Tensor]
+        # fresh, contiguous, allocator-aligned copy: the int8pack kernel uses aligned loads
+        self.register_buffer("weight_int8", q_weight.contiguous().clone())
+        self.register_buffer("scale", scale.float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed = None
-        if backend == "fbgemm":
-            with warnings.catch_warnings():  # quantized-tensor ctors warn "deprecated" in torch >= 2.12
-                warnings.simplefilter("ignore")
-                qt = torch._make_per_channel_quantized_tensor(
-                    q_weight.contiguous(), scale.double(), torch.zeros(scale.numel(), dtype=torch.long), 0
-                )
-                self._packed = torch.ops.quantized.linear_prepack(qt, self.bias)
-            self.register_buffer("weight_int8", None)
-            self.register_buffer("scale", scale.float().clone())
-        else:
-            # fresh, contiguous, allocator-aligned copy: the int8pack kernel uses aligned loads
-            self.register_buffer("weight_int8", q_weight.contiguous().clone())
-            self.register_buffer("scale", scale.float().clone())
-        self._scale_cache: dict = {}
-        self._bias_cache: dict = {}
+        self.decode_kernel = self.prefill_kernel = kernels.FALLBACK
+        self._prepared: Dict[str, object] = {kernels.FALLBACK: (self.weight_int8, self.scale)}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: Optional[str] = None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         """Quantise an existing ``nn.Linear`` (weight may be fp32/bf16/fp16)."""
         q, s = quantize_weight(linear.weight.detach())
-        return cls(q, s, None if linear.bias is None else linear.bias.detach(), backend)
+        return cls(q, s, None if linear.bias is None else linear.bias.detach())
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        """Drop dtype caches when the module is cast/moved (``model.bfloat16()``)."""
-        self._scale_cache, self._bias_cache = {}, {}
-        return super()._apply(fn, *args, **kwargs)
+    def int8_weight(self) -> Tensor:
+        """``q`` as stored, or unpacked from fbgemm's copy when that is the only one kept."""
+        if self.weight_int8 is not None:
+            return self.weight_int8
+        return kernels.fbgemm_unpack(self._prepared["fbgemm"])
 
-    def _scale_as(self, dtype: torch.dtype) -> Tensor:
-        t = self._scale_cache.get(dtype)
-        if t is None:
-            t = self._scale_cache[dtype] = self.scale.to(dtype)
-        return t
-
-    def _bias_as(self, dtype: torch.dtype) -> Optional[Tensor]:
-        if self.bias is None:
-            return None
-        t = self._bias_cache.get(dtype)
-        if t is None:
-            t = self._bias_cache[dtype] = self.bias.to(dtype)
-        return t
+    def use_kernels(self, decode: str, prefill: str) -> None:
+        """Lay the weight out for these kernels; ``q`` is dropped when neither reads it."""
+        q = self.int8_weight()
+        names = {decode, prefill}
+        self._prepared = {name: kernels.KERNELS[name].prepare(q, self.scale) for name in names}
+        self.weight_int8 = None if all(kernels.KERNELS[name].own_copy for name in names) else q
+        self.decode_kernel, self.prefill_kernel = decode, prefill
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "int8pack":
-            xb = x2.to(torch.bfloat16).contiguous()
-            if xb.data_ptr() % 64:  # aligned loads in the AVX kernels
-                xb = xb.clone()
-            y = torch._weight_int8pack_mm(xb, self.weight_int8, self._scale_as(torch.bfloat16))
-            if self.bias is not None:
-                y = y + self._bias_as(torch.bfloat16)
-            y = y.to(x.dtype)
-        elif self.backend == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x2.float(), self._packed, True).to(x.dtype)
-        else:
-            y = (x2 @ self.weight_int8.to(x.dtype).t()) * self._scale_as(x.dtype)
-            if self.bias is not None:
-                y = y + self._bias_as(x.dtype)
-        return y.reshape(*shape, self.out_features)
+        name = self.prefill_kernel if x2.shape[0] >= kernels.MANY_ROWS else self.decode_kernel
+        y = kernels.KERNELS[name].run(x2, self._prepared[name])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, backend={self.backend}"
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"decode={self.decode_kernel}, prefill={self.prefill_kernel}")
 
 
 # --------------------------------------------------------------------------- #
@@ -248,13 +159,7 @@ def _tied_param_ids(model: nn.Module) -> set:
     return {k for k, v in seen.items() if v > 1}
 
 
-def _replace(
-    model: nn.Module,
-    skip: Iterable[str],
-    backend: Optional[str],
-    predicate: Callable[[nn.Linear], bool],
-) -> int:
-    backend = backend or pick_backend()
+def _replace(model: nn.Module, skip: Iterable[str], predicate: Callable[[nn.Linear], bool]) -> int:
     tied = _tied_param_ids(model)
     todo = [
         (name, mod)
@@ -265,30 +170,19 @@ def _replace(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.no_grad():
-            setattr(parent, child, Int8Linear.from_linear(mod, backend))
+            setattr(parent, child, Int8Linear.from_linear(mod))
         mod.weight = None  # drop our reference to the float weight now (RSS)
     return len(todo)
 
 
-def quantize_model_(
-    model: nn.Module,
-    skip: Tuple[str, ...] = KEEP_FLOAT,
-    backend: Optional[str] = None,
-) -> int:
+def quantize_model_(model: nn.Module, skip: Tuple[str, ...] = KEEP_FLOAT) -> int:
     """Replace every ``nn.Linear`` (except names in ``skip`` and tied weights,
     which would otherwise be stored twice) with ``Int8Linear``, in place.
-    Returns the number replaced. Cast the remaining parameters to
-    ``preferred_compute_dtype(backend)`` yourself (e.g. ``model.bfloat16()``
-    before or after; Int8Linear buffers are unaffected by float casts except
-    scale/bias, which stay correct)."""
-    return _replace(model, skip, backend, lambda m: True)
+    Returns the number replaced. Then choose the kernels: ``use_fastest_kernels_``."""
+    return _replace(model, skip, lambda m: True)
 
 
-def quantize_loaded_linears_(
-    model: nn.Module,
-    skip: Tuple[str, ...] = KEEP_FLOAT,
-    backend: Optional[str] = None,
-) -> int:
+def quantize_loaded_linears_(model: nn.Module, skip: Tuple[str, ...] = KEEP_FLOAT) -> int:
     """Quantise-while-loading step: replace every ``nn.Linear`` whose weight is
     no longer on the meta device. Call after each shard's
     ``model.load_state_dict(shard, strict=False, assign=True)`` and drop the
@@ -299,11 +193,31 @@ def quantize_loaded_linears_(
     def loaded(m: nn.Linear) -> bool:
         return not m.weight.is_meta and (m.bias is None or not m.bias.is_meta)
 
-    return _replace(model, skip, backend, loaded)
+    return _replace(model, skip, loaded)
+
+
+def _int8_linears(model: nn.Module) -> List[Int8Linear]:
+    return [m for m in model.modules() if isinstance(m, Int8Linear)]
+
+
+def use_kernels_(model: nn.Module, decode: str, prefill: str) -> None:
+    """Run every Int8Linear on these kernels (a choice, or a benchmark's or test's fixed pair)."""
+    for linear in _int8_linears(model):
+        linear.use_kernels(decode, prefill)
+
+
+def use_fastest_kernels_(model: nn.Module, dtype: torch.dtype) -> Tuple[kernels.Choice, float]:
+    """Time the kernels that run here on the model's own int8 weights, with activations in ``dtype``, and use the
+    fastest for each phase. Returns the choice and the seconds the timing took (for the log line)."""
+    linears = _int8_linears(model)
+    weights = [(linear.int8_weight(), linear.scale) for linear in linears]
+    choice, seconds = kernels.time_and_choose(weights, dtype, available())
+    use_kernels_(model, choice.decode, choice.prefill)
+    return choice, seconds
 
 
 def int8_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by Int8Linear weights (int8 + scales), for reporting."""
+    """Bytes of int8 weights (int8 + scales) that one decode step reads, for reporting."""
     total = 0
     for m in model.modules():
         if isinstance(m, Int8Linear):

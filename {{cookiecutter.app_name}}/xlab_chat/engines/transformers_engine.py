@@ -12,7 +12,7 @@ import json
 import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -56,7 +56,7 @@ def internlm2_prompt(messages: List[Message], bos: str) -> str:
 class Placement:
     device: str
     dtype: torch.dtype
-    label: str  # what the page header shows, e.g. "NVIDIA A10 · bfloat16" or "CPU · int8"
+    label: str  # what the page header shows, e.g. "NVIDIA A10 · bfloat16" or "CPU · int8 (fbgemm)"
     int8: bool = False  # Linear weights stored as int8 (the CPU's fast path), the rest in dtype
 
 
@@ -75,7 +75,9 @@ def choose_placement(hardware: str, requested_dtype: str = "auto", quantize: str
     """GPU when there is one (bf16 where supported, else fp16); CPU in int8, bf16 or fp32, never fp16.
 
     On the CPU, decoding reads every weight once per token, so int8 weights (half of bf16's bytes) are the
-    fastest; QUANTIZE=auto uses them there unless a DTYPE was asked for, QUANTIZE=int8 always.
+    fastest; QUANTIZE=auto uses them there unless a DTYPE was asked for, QUANTIZE=int8 always. The rest of the model
+    (and the activations the int8 kernels get) stays in the dtype this CPU runs best; the label gains the kernels'
+    names once they are chosen (``Engine.load``).
     """
     use_cuda = torch.cuda.is_available() and hardware != "cpu"
     if hardware in GPU_HARDWARE and not use_cuda:
@@ -98,7 +100,7 @@ def choose_placement(hardware: str, requested_dtype: str = "auto", quantize: str
         from . import int8
 
         if int8.supported():
-            return Placement("cpu", int8.preferred_compute_dtype(), "CPU · int8", int8=True)
+            return Placement("cpu", dtype, "CPU · int8", int8=True)
         print(f"[engine] int8 does not run with this torch {torch.__version__} on this CPU; using "
               f"{str(dtype).replace('torch.', '')}", flush=True)
     return Placement("cuda" if use_cuda else "cpu", dtype, f"{name} · {str(dtype).replace('torch.', '')}")
@@ -254,6 +256,12 @@ class Engine:
             adapter = adapter or layout.llm_adapter
             vision = Vision.load(layout, visual_encoder or llava, vision_dtype(placement), placement.device)
         model, tokenizer = load_model(path, placement, loader, adapter)
+        if placement.int8:
+            from . import int8
+
+            choice, seconds = int8.use_fastest_kernels_(model, placement.dtype)
+            print(choice.log_line(seconds), flush=True)
+            placement = replace(placement, label=f"{placement.label} ({choice.label})")
         return cls(model, tokenizer, placement, workers, vision)
 
     @property
