@@ -21,7 +21,8 @@ RUNTIME = {
     "xlab_chat/engines/process.py", "xlab_chat/engines/protocol.py", "xlab_chat/engines/worker.py",
     "xlab_chat/engines/int8.py", "xlab_chat/engines/guard.py", "xlab_chat/engines/openai_api.py",
     "xlab_chat/engines/server.py", "xlab_chat/engines/lora.py", "xlab_chat/model/adapter.py",
-    "xlab_chat/model/adapter_check.py",
+    "xlab_chat/model/adapter_check.py", "xlab_chat/engines/llamacpp.py", "xlab_chat/engines/gguf_convert.py",
+    "xlab_chat/model/gguf_cache.py", "xlab_chat/model/llamacpp_check.py",
     "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",
 }
 EXPECTED_FILES = {

@@ -22,7 +22,7 @@ HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
 QUANTIZE_CHOICES = ("auto", "none", "int8")
-ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "openai")
+ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "llamacpp", "openai")
 LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.
