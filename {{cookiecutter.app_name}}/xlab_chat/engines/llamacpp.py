@@ -123,11 +123,7 @@ def convert_and_quantize(folder: Path, target: Path, kind: str) -> None:
 
 
 def quantize(source: Path, out: Path, kind: str) -> None:
-    import logging
-
     import llama_cpp
-
-    logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)  # not a line per tensor in the app's log
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
