@@ -181,7 +181,7 @@ class OpenAIEngine:
         self.endpoint = endpoint
         self.label = label
         # Server-specific sampling fields: "repetition_penalty" names the field that carries the app's penalty
-        # (llama.cpp calls it "repeat_penalty"); any other is sent as it is (e.g. llama.cpp's top_k=0).
+        # (llama.cpp calls it "repeat_penalty"); any other is sent as it is (e.g. llama.cpp's top_k).
         self.extra = dict(extra or {})
         self.on_lost = on_lost  # True when the server is known to have died (a launched one)
         self._active = 0
