@@ -35,7 +35,8 @@ from pins_for_python import pinned_for  # beside this script
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "pins"
 OUTPUTS = ROOT / "templates" / "pins"
-STACKS = ("native", "remote-code", "openai", "lmdeploy", "vllm")
+STACKS = ("native", "remote-code", "openai", "lmdeploy", "vllm", "llamacpp")
+SDIST_ONLY = {"llamacpp": "llama-cpp-python"}  # the registry has no wheel: the platform builds it
 OLDEST_PYTHON = "3.8"
 PLATFORM_PYTHON = "3.11"  # the Hugging Face Space's python_version and the ModelScope image's Python
 INDEX = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
@@ -59,6 +60,8 @@ def compile_stack(stack: str, work: Path) -> str:
     command = [uv(), "pip", "compile", str(INPUTS / f"{stack}.in"), "--universal", "--python-version",
                OLDEST_PYTHON, "--overrides", str(overrides), "--only-binary", ":all:", "--no-header",
                "--no-annotate", "--index-url", INDEX, "--quiet"]
+    if stack in SDIST_ONLY:
+        command += ["--no-binary", SDIST_ONLY[stack]]
     env = dict(os.environ, UV_PYTHON_DOWNLOADS="never", UV_NO_CONFIG="1")
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
     if done.returncode != 0:

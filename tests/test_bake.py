@@ -27,6 +27,8 @@ RUNTIME = {
     "xlab_chat/engines/safetensors_file.py", "xlab_chat/engines/hf_compat.py", "xlab_chat/engines/kernels.py",
     "xlab_chat/engines/llava.py", "xlab_chat/engines/images.py", "xlab_chat/model/llava_layout.py",
     "xlab_chat/model/llava_check.py", "xlab_chat/model/loader_files.py", "xlab_chat/page/uploads.py",
+    "xlab_chat/engines/llamacpp.py", "xlab_chat/engines/gguf_convert.py",
+    "xlab_chat/model/gguf_cache.py", "xlab_chat/model/llamacpp_check.py",
     "xlab_chat/page/__init__.py", "xlab_chat/page/history.py", "xlab_chat/page/texts.py", "xlab_chat/page/ui.py",
     "xlab_chat/page/line.py", "xlab_chat/page/stream.py",
 }

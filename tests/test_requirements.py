@@ -47,6 +47,8 @@ PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 # The stacks whose every line a page or engine on this machine can run; lmdeploy and vllm need CUDA.
 STACKS = ("native", "remote-code", "openai")
 GPU_STACKS = ("lmdeploy", "vllm")
+# llama-cpp-python exists as an sdist only: pip would build it to resolve; its pins are checked as lines.
+BUILT_STACKS = ("llamacpp",)
 INDEX = (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
 STUB = "xlabstub"  # local version label of the stand-in torch wheels
 APP_PACKAGES = {"transformers", "accelerate", "safetensors", "sentencepiece", "protobuf", "packaging", "gradio",
@@ -109,7 +111,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     answers = {"native": {"loader": "native"}, "remote-code": {"loader": "remote-code"},
                "openai": {"engine": "openai", "engine_url": "http://10.0.0.5:23333/v1", "engine_model": "m"},
                "lmdeploy": {"engine": "lmdeploy", "hardware": "a10-24gb"},
-               "vllm": {"engine": "vllm", "hardware": "a10-24gb"}}
+               "vllm": {"engine": "vllm", "hardware": "a10-24gb"},
+               "llamacpp": {"engine": "llamacpp", "hardware": "cpu"}}
     folders = {}
     for stack, extra in answers.items():
         out = tmp_path_factory.mktemp(f"requirements-{stack}")
@@ -254,7 +257,7 @@ def installed(report: object) -> Dict[str, Tuple[Version, dict]]:
 # ---------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("stack", STACKS + GPU_STACKS)
+@pytest.mark.parametrize("stack", STACKS + GPU_STACKS + BUILT_STACKS)
 def test_every_line_is_an_exact_pin_but_torch(rendered: Dict[str, Path], stack: str) -> None:
     """The lines a rebuild reads: `==` everywhere, torch's lower bounds aside, and no Jinja left."""
     text = requirements_text(rendered[stack])
@@ -273,6 +276,11 @@ def test_every_line_is_an_exact_pin_but_torch(rendered: Dict[str, Path], stack: 
         assert not any(requirement.name == "torch" for requirement in requirements), "the engine brings its torch"
     if stack == "openai":
         assert not {"torch", "transformers"} & {requirement.name for requirement in requirements}
+    if stack in BUILT_STACKS:  # the GGUF conversion and the server need no torch
+        names = {requirement.name for requirement in requirements}
+        assert {"llama-cpp-python", "gguf", "gradio"} <= names and "torch" not in names
+        packages = (rendered[stack] / "packages.txt").read_text(encoding="utf-8").split()
+        assert "build-essential" in packages, "pip builds llama-cpp-python from source: a C++ compiler is needed"
 
 
 @pytest.mark.parametrize("stack", STACKS)

@@ -22,11 +22,11 @@ HARDWARE_CHOICES = ("auto", "a10-24gb", "a100-40gb", "cpu")
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 LOADER_CHOICES = ("native", "remote-code")
 QUANTIZE_CHOICES = ("auto", "none", "int8")
-ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "openai")
-SERVER_ENGINES = ("lmdeploy", "vllm", "openai")
+ENGINE_CHOICES = ("transformers", "lmdeploy", "vllm", "llamacpp", "openai")
 # Replies streamed at once. A server engine batches dozens of streams on one GPU (continuous batching; vLLM
-# and LMDeploy batch up to 256 by default); the app's own engine runs one generate() per reply, unbatched.
-DEFAULT_CONCURRENCY = {"transformers": 1, "lmdeploy": 64, "vllm": 64, "openai": 64}
+# and LMDeploy batch up to 256 by default); the app's own engine runs one generate() per reply, unbatched, and
+# llama-cpp-python's server answers one request at a time, so there the page's line shows each user their place.
+DEFAULT_CONCURRENCY = {"transformers": 1, "lmdeploy": 64, "vllm": 64, "llamacpp": 1, "openai": 64}
 LANGUAGE_CHOICES = ("zh", "en")
 
 # (lowest, highest) accepted for each numeric setting.

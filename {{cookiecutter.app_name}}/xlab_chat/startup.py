@@ -145,8 +145,8 @@ def connect(settings: Settings, status: ModelStatus) -> None:
 
 def make_engine(settings: Settings, status: ModelStatus) -> Union[EngineProcess, ServerEngine]:
     """The engine process for ENGINE=transformers (started at once: its torch import overlaps the download),
-    or a launched server for lmdeploy, vllm or an ENGINE_COMMAND."""
-    if settings.engine_command or settings.engine in ("lmdeploy", "vllm"):
+    or a launched server for lmdeploy, vllm, llamacpp or an ENGINE_COMMAND."""
+    if settings.engine_command or settings.engine in ("lmdeploy", "vllm", "llamacpp"):
         status.engine_name = NAMES["command" if settings.engine_command else settings.engine]
         return ServerEngine(status, settings.engine, settings.engine_args, settings.engine_command,
                             settings.engine_start_timeout, settings.engine_timeout)

@@ -65,4 +65,7 @@ def main(command: list) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # not sys.exit: the parent watcher is blocked reading stdin, which aborts a normal shutdown

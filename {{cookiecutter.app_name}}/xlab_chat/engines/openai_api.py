@@ -60,7 +60,9 @@ class OpenAIEngine:
                  on_lost: Optional[Callable[[], bool]] = None) -> None:
         self.endpoint = endpoint
         self.label = label
-        self.extra = dict(extra or {})  # server-specific sampling fields, e.g. repetition_penalty
+        # Server-specific sampling fields: "repetition_penalty" names the field that carries the app's penalty
+        # (llama.cpp calls it "repeat_penalty"); any other is sent as it is (e.g. llama.cpp's top_k).
+        self.extra = dict(extra or {})
         self.on_lost = on_lost  # True when the server is known to have died (a launched one)
         self._active = 0
         self._lock = threading.Lock()
@@ -76,8 +78,11 @@ class OpenAIEngine:
             {"role": "user", "content": message}]
         body = {"model": self.endpoint.model, "messages": messages, "stream": True, "max_tokens": max_new_tokens,
                 "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0}
-        if "repetition_penalty" in self.extra:
-            body["repetition_penalty"] = repetition_penalty
+        fixed = dict(self.extra)
+        penalty_field = fixed.pop("repetition_penalty", "")
+        if penalty_field:
+            body[penalty_field] = repetition_penalty
+        body.update(fixed)
         threading.Thread(target=self._run, args=(request, body), name="engine-stream", daemon=True).start()
         return request
 

@@ -1,7 +1,8 @@
 """Launch an engine's own OpenAI-compatible server on the downloaded model and chat through it.
 
 ENGINE=lmdeploy runs ``lmdeploy serve api_server`` (TurboMind: 4-bit AWQ models, continuous batching),
-ENGINE=vllm runs ``vllm serve``; ENGINE_COMMAND runs any other server that speaks the same API (e.g.
+ENGINE=vllm runs ``vllm serve``, ENGINE=llamacpp ``python -m llama_cpp.server`` on a GGUF made from the model
+(engines/llamacpp.py); ENGINE_COMMAND runs any other server that speaks the same API (e.g.
 ``transformers serve {model} --port {port}``). Each starts on a free loopback port under the guard
 (engines/guard.py), so it dies with the page; ENGINE_ARGS adds flags. Standard library only.
 
@@ -23,13 +24,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from . import llamacpp
 from .openai_api import Endpoint, EndpointError, OpenAIEngine, wait_until_serving
 from .process import APP_FOLDER, SECRETS, LoadSpec, StatusSink, describe_exit, no_restart
 
 HOST = "127.0.0.1"
-NAMES = {"lmdeploy": "LMDeploy", "vllm": "vLLM", "command": "the engine server"}
+# Sampling fields per preset (see OpenAIEngine.extra). llama.cpp's server would add its own defaults
+# (repeat_penalty 1.1, top_k 40, min_p 0.05) to the app's; these are the app's penalty and transformers'
+# defaults (top_k 50, no min_p). top_k 0 (no limit) is not used: sorting all 92544 ids each token cost
+# llama.cpp several times its decode speed here (2.2-2.5 against 4.5-13.4 tok/s with top_k 1, 1.8B Q4_K_M).
+SAMPLING = {"llamacpp": {"repetition_penalty": "repeat_penalty", "top_k": 50, "min_p": 0.0}}
+NAMES = {"lmdeploy": "LMDeploy", "vllm": "vLLM", "llamacpp": "llama.cpp", "command": "the engine server"}
 INSTALL_FIX = ("install it with `pip install -r requirements.txt` on Linux x86_64 with an NVIDIA GPU (CUDA); on a"
                " CPU use ENGINE=transformers")
 
@@ -66,8 +73,10 @@ def executable(name: str) -> str:
     return found
 
 
-def command_line(engine: str, folder: Path, port: int, engine_args: str = "", engine_command: str = "") -> List[str]:
-    """The server's argv: a preset for lmdeploy/vllm, or ENGINE_COMMAND with {model}, {port} and {host} filled."""
+def command_line(engine: str, folder: Path, port: int, engine_args: str = "", engine_command: str = "",
+                 quantize: str = "auto", progress: Callable[[str], None] = lambda stage: None) -> List[str]:
+    """The server's argv: a preset for lmdeploy/vllm/llamacpp (which first makes the GGUF, see engines/llamacpp.py),
+    or ENGINE_COMMAND with {model}, {port} and {host} filled."""
     awq = quant_method(folder) == "awq"
     if engine_command:
         try:
@@ -82,8 +91,11 @@ def command_line(engine: str, folder: Path, port: int, engine_args: str = "", en
     elif engine == "vllm":
         argv = [executable("vllm"), "serve", str(folder), "--host", HOST, "--port", str(port),
                 "--trust-remote-code"] + (["--quantization", "awq"] if awq else [])
+    elif engine == "llamacpp":
+        argv = llamacpp.server_argv(folder, port, HOST, quantize, _child_env(), progress)
     else:
-        raise EndpointError(f"ENGINE={engine} does not launch a server", "use lmdeploy, vllm or ENGINE_COMMAND")
+        raise EndpointError(f"ENGINE={engine} does not launch a server", "use lmdeploy, vllm, llamacpp or"
+                            " ENGINE_COMMAND")
     return argv + split(engine_args)
 
 
@@ -124,7 +136,8 @@ class ServerEngine:
         folder = Path(self.spec.folder)
         try:
             port = free_port()
-            argv = command_line(self.engine, folder, port, self.engine_args, self.engine_command)
+            argv = command_line(self.engine, folder, port, self.engine_args, self.engine_command,
+                                self.spec.quantize, lambda stage: self.status.progress(stage, 0, 0))
             print(f"[engine] starting {self.name}: {shlex.join(redacted(argv))}", flush=True)
             self.server = subprocess.Popen([sys.executable, "-m", "xlab_chat.engines.guard", *argv],
                                            stdin=subprocess.PIPE, cwd=str(APP_FOLDER),
@@ -140,9 +153,9 @@ class ServerEngine:
             self.close()
             self.status.engine_failed(f"{self.name} could not start ({type(error).__name__}: {error}) — see the log")
             return
-        self.label = f"{self.name} · {folder.name}"
-        self.client = OpenAIEngine(endpoint, self.label, {"repetition_penalty": True} if not self.engine_command
-                                   else None, on_lost=lambda: self._wait_dead(server))
+        self.label = f"{self.name} · {llamacpp.describe(argv) or folder.name}"
+        self.client = OpenAIEngine(endpoint, self.label, None if self.engine_command else SAMPLING.get(
+            self.engine, {"repetition_penalty": "repetition_penalty"}), on_lost=lambda: self._wait_dead(server))
         self.ready, self.ready_since = True, time.monotonic()
         threading.Thread(target=self._watch, args=(server,), name="engine-watch", daemon=True).start()
         self.status.engine_ready(self)

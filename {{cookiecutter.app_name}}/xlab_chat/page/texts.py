@@ -36,6 +36,7 @@ TEXT: Dict[str, Dict[str, str]] = {
         "too_long": "消息太长：共 {tokens} 个 token，而模型最多只能读取 {limit} 个。请缩短后再试。",
         "too_long_server": "消息太长，超出了模型的上下文长度。请缩短后再试。",
         "starting": "正在启动 {engine}",
+        "converting": "正在把模型转换为 GGUF（只在第一次启动时）",
         "dropped": "为适应模型的上下文长度，最早的 {count} 轮对话已被省略。",
         "generation_failed": "生成失败（{error}），请重试。",
         "restarting": "模型进程意外退出，正在重新加载",
@@ -81,6 +82,7 @@ TEXT: Dict[str, Dict[str, str]] = {
         "empty": "Please type a message.",
         "too_long_server": "The message is too long for the model's context. Please shorten it.",
         "starting": "Starting {engine}",
+        "converting": "Converting the model to GGUF (on the first start only)",
         "too_long": "The message is too long: {tokens} tokens, and this model reads at most {limit}. "
         "Please shorten it.",
         "dropped": "The oldest {count} turn(s) were left out to fit the model's context.",
