@@ -6,6 +6,7 @@ import re
 from typing import List, Mapping, Tuple
 
 from .engine_check import GPU_ENGINES
+from .llamacpp_check import answer_problems as llamacpp_answer_problems
 from .repo_url import RepoURLError, normalise
 
 SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -59,6 +60,7 @@ def check_answers(answers: Mapping[str, object]) -> List[Tuple[str, str]]:
     if answers.get("engine") in GPU_ENGINES and answers.get("hardware") == "cpu":
         problems.append((f"engine={answers.get('engine')} needs an NVIDIA GPU but hardware is cpu",
                          "answer hardware a10-24gb or a100-40gb, or engine=transformers for the CPU"))
+    problems += llamacpp_answer_problems(answers)
     flag = answers.get("validate_model_repo")
     if not isinstance(flag, bool) and str(flag).strip().lower() not in TRUE_WORDS + FALSE_WORDS:
         problems.append((f"validate_model_repo {flag!r} is not yes or no", "answer yes (check the repo now) or no"))

@@ -6,6 +6,7 @@ from typing import Optional
 
 from .endpoint import Endpoint, EndpointError, check_endpoint
 from .listing import Listing
+from .llamacpp_check import repo_verdict
 from .report import FAIL, OK, WARN, Check, Report, check_timeout
 
 GPU_ENGINES = {"lmdeploy": "LMDeploy", "vllm": "vLLM"}
@@ -37,6 +38,9 @@ def check_engine(listing: Listing, config: Optional[dict], engine: str, hardware
     if engine in GPU_ENGINES:
         what = f"{quantized} for {GPU_ENGINES[engine]}" if quantized else GPU_ENGINES[engine]
         return Check(title, OK, f"{what}; needs Linux x86_64 with an NVIDIA GPU (CUDA)")
+    if engine == "llamacpp":
+        usable, detail, fix = repo_verdict(list(listing.sizes), config)
+        return Check(title, OK if usable else FAIL, detail, fix)
     return None
 
 
