@@ -71,7 +71,10 @@ def test_first_start_downloads_then_serves(server: AppProcess, world: dict, tiny
 
 
 def test_chat_with_only_a_message_streams_growing_updates(server: AppProcess):
-    updates = stream_chat(server.url, tinymodel.GREETING)
+    """A long reply arrives as several growing updates (the page sends them at a cadence, so a reply shorter than
+    one beat can come in two: its first token, then the rest)."""
+    updates = stream_chat(server.url, tinymodel.STORY, system="", max_new_tokens=200, temperature=0.0, top_p=0.8,
+                          repetition_penalty=1.0)
     assert len(updates) >= 3
     assert all(later.startswith(earlier) and len(later) > len(earlier) for earlier, later in zip(updates, updates[1:]))
     assert updates[-1] and "<|im_end|>" not in updates[-1] and "<|im_start|>" not in updates[-1]
