@@ -125,13 +125,16 @@ class FaultHost(GitHTTPServer):
         super().__exit__(*exc)
 
 
+BLOB = "blob.dat"  # not a weight format: the download keeps it (it drops .bin pickles beside safetensors)
+
+
 def publish_with_blob(tiny_model: Path, folder: Path, name: str = "big.git", blob_bytes: int = 6_000_000) -> Path:
-    """The tiny model plus ``blob.bin`` (random bytes in LFS, big enough to kill a pull halfway); the bare repo."""
+    """The tiny model plus ``blob.dat`` (random bytes in LFS, big enough to kill a pull halfway); the bare repo."""
     model = folder / "model-with-blob"
     shutil.copytree(tiny_model, model)
-    (model / "blob.bin").write_bytes(os.urandom(blob_bytes))
+    (model / BLOB).write_bytes(os.urandom(blob_bytes))
     bare = folder / name
-    tinymodel.publish(model, bare)
+    tinymodel.publish(model, bare, tinymodel.LFS_PATTERNS + ("*.dat",))
     return bare
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import faultkit
 import pytest
 from apprunner import AppProcess, render, stream_chat
-from faultkit import FaultHost, lfs_oid, processes_in, publish_with_blob, wait_for
+from faultkit import BLOB, FaultHost, lfs_oid, processes_in, publish_with_blob, wait_for
 
 pytestmark = pytest.mark.e2e
 USER, TOKEN = "alice", "fault-token-3141"
@@ -28,8 +28,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     bare = publish_with_blob(model, base / "srv")
     app = render(base / "out", model_repo="https://example.invalid/unused.git", hardware="cpu", ui_language="en",
                  validate_model_repo=False)
-    blob = (bare.parent / "model-with-blob" / "blob.bin").read_bytes()
-    return {"base": base, "bare": bare, "app": app, "blob": blob, "blob_oid": lfs_oid(bare, "blob.bin")}
+    blob = (bare.parent / "model-with-blob" / BLOB).read_bytes()
+    return {"base": base, "bare": bare, "app": app, "blob": blob, "blob_oid": lfs_oid(bare, BLOB)}
 
 
 def app_env(host: FaultHost, model_dir: Path, **extra: str) -> dict:
@@ -74,7 +74,7 @@ def test_download_killed_halfway_resumes_and_never_loads_a_partial(world: dict, 
             blob_starts = [start for start in host.ranges if start > 0]
             assert blob_starts and min(blob_starts) >= 1_000_000, (host.ranges, fetched)
             assert host.object_gets.get(world["blob_oid"]) == 1
-            assert (model_dir / "blob.bin").read_bytes() == world["blob"]
+            assert (model_dir / BLOB).read_bytes() == world["blob"]
             assert not (model_dir / ".git" / "lfs").exists() or not (model_dir / ".git" / "lfs" / "objects").exists()
             assert leftovers(model_dir) == [], leftovers(model_dir)
             assert git_processes_under(work) == [] and git_processes_under(model_dir) == []
@@ -91,11 +91,11 @@ def test_two_starts_at_once_download_once_and_share_the_copy(world: dict, tmp_pa
             for app in apps:
                 app.wait_stage(("ready",), timeout=180)
             logs = [app.log for app in apps]
-            assert sum("LFS files" in log for log in logs) == 1, logs
+            assert sum("files in LFS" in log for log in logs) == 1, logs  # the one that downloads says so
             assert sum("another process is downloading" in log for log in logs) == 1, logs
             assert host.batches == 3  # each app's pre-flight check asks once (object GETs: none), git-lfs once
             assert set(host.object_gets.values()) == {1} and len(host.object_gets) == 3, host.object_gets
-            assert (model_dir / "blob.bin").read_bytes() == world["blob"]
+            assert (model_dir / BLOB).read_bytes() == world["blob"]
             assert leftovers(model_dir) == []
             for app in apps:
                 assert stream_chat(app.url, "hi", **SHORT)[-1]
@@ -143,7 +143,7 @@ def test_stalled_host_fails_within_the_bound_then_a_retry_resumes(world: dict, t
         try:
             retry.wait_stage(("ready",), timeout=180)
             assert min(host.ranges) >= 1_000_000, host.ranges  # resumed, not started over
-            assert (model_dir / "blob.bin").read_bytes() == world["blob"]
+            assert (model_dir / BLOB).read_bytes() == world["blob"]
             store = model_dir / ".git" / "lfs" / "objects"
             assert faultkit.tree_bytes(store) >= len(world["blob"])  # KEEP_LFS_CACHE=1 keeps the LFS store
             assert leftovers(model_dir) == []
