@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -24,16 +24,21 @@ def marker_environment(python: str) -> Dict[str, str]:
             "implementation_name": "cpython", "platform_python_implementation": "CPython"}
 
 
-def pinned_for(text: str, python: str) -> Dict[str, str]:
-    """Canonical name -> exact version of the lines whose markers hold on that Python; torch's bounds skipped."""
-    found: Dict[str, str] = {}
+def active_lines(text: str, python: str) -> Iterator[Requirement]:
+    """The requirement lines of a requirements file whose markers hold on that Python."""
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate(marker_environment(python)):
-            continue
+        if requirement.marker is None or requirement.marker.evaluate(marker_environment(python)):
+            yield requirement
+
+
+def pinned_for(text: str, python: str) -> Dict[str, str]:
+    """Canonical name -> exact version of the lines whose markers hold on that Python; torch's bounds skipped."""
+    found: Dict[str, str] = {}
+    for requirement in active_lines(text, python):
         specifiers = list(requirement.specifier)
         if len(specifiers) == 1 and specifiers[0].operator == "==":
             found[canonicalize_name(requirement.name)] = specifiers[0].version

@@ -40,7 +40,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from pins_for_python import marker_environment, pinned_for  # noqa: E402
+from pins_for_python import active_lines, pinned_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1800)  # the first test waits for every dry run, 18 of them
 PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
@@ -63,13 +63,7 @@ def minor(python: str) -> int:
 def active_requirements(text: str, python: str) -> Dict[str, Requirement]:
     """The requirement lines whose markers hold on this Python, by package name; a name twice is an error."""
     chosen: Dict[str, Requirement] = {}
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate(marker_environment(python)):
-            continue
+    for requirement in active_lines(text, python):
         name = canonicalize_name(requirement.name)
         assert name not in chosen, f"{name} has two lines for Python {python}: {chosen[name]} and {requirement}"
         chosen[name] = requirement
