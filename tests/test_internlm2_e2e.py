@@ -128,7 +128,8 @@ def test_greedy_chat_streams_the_trained_reply(served) -> None:
     app, _, _, _ = served
     updates = stream_chat(app.url, tinymodel.GREETING, **GREEDY)
     assert updates[-1] == tinymodel.GREETING_REPLY, app.log[-3000:]
-    assert len(updates) >= 3
+    # Streamed: the first token goes out alone, the rest at the page's cadence (a short reply fits one beat).
+    assert len(updates) >= 2 and len(updates[0]) < len(updates[-1])
     assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:]))
     assert not any("<|im_end|>" in text or "<|im_start|>" in text for text in updates)
     assert stream_chat(app.url, tinymodel.GREETING, **GREEDY)[-1] == tinymodel.GREETING_REPLY  # same twice
