@@ -98,6 +98,7 @@ def run_hook(tmp_path: Path, hook: str, project: Optional[Path] = None, **answer
     """Render one hook as cookiecutter does, with a context we choose, and run it in a project folder."""
     context = {"app_name": "demo", "app_title": "Demo", "model_repo": "https://huggingface.co/a/b",
                "model_revision": "main", "base_model_repo": "", "base_model_revision": "main",
+               "visual_encoder_repo": "", "visual_encoder_revision": "main",
                "hardware": "auto", "loader": "native", "platforms": "all",
                "quantize": "auto", "engine": "transformers", "engine_url": "", "engine_model": "",
                "max_new_tokens": 1024,
