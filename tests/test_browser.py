@@ -41,7 +41,7 @@ def page(browser, tmp_path: Path):
     context.close()
 # These pages need the tiny model's long rambling replies (Stop mid-reply, a reply that fills the context),
 # which it was trained to give in float32; int8 on a 64-wide model ends them early (tests/test_int8.py).
-RAMBLES = {"QUANTIZE": "none"}
+RAMBLES = {"QUANTIZE": "none", "DTYPE": "float32"}  # float32 on every CPU: bfloat16 (chosen where fast) ends them
 
 
 def shot(page, name: str) -> None:
@@ -77,8 +77,9 @@ def send(page, text: str) -> None:
 def test_progress_streaming_and_stop_in_chinese(page, tiny_model: Path, tmp_path: Path):
     bare = publish_with_blob(tiny_model, tmp_path / "host", blob_bytes=3_000_000)
     with FaultHost(bare.parent, USER, TOKEN, rate=400_000) as host:
+        # 3000 new tokens: the story must still be streaming when Stop is pressed, however fast the machine.
         folder = render(tmp_path / "out", model_repo=host.url(bare.name), hardware="cpu", ui_language="zh",
-                        temperature=0, validate_model_repo=False)
+                        temperature=0, max_new_tokens=3000, validate_model_repo=False)
         env = {"MODEL_DIR": str(tmp_path / "weights"), "MODEL_REPO_TOKEN": TOKEN, "MODEL_REPO_USER": USER, **RAMBLES}
         app = AppProcess(folder, env, tmp_path / "app.log")
         try:
