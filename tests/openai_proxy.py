@@ -15,8 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Proxy
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet keep-alive handler that answers JSON: the base of the test servers that speak the OpenAI API."""
+
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:
@@ -29,6 +30,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class _Handler(JSONHandler):
+    server: _Proxy
 
     def _key_ok(self) -> bool:
         proxy = self.server

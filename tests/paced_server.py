@@ -20,41 +20,31 @@ import contextlib
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Optional
+
+from openai_proxy import JSONHandler  # beside this file, also when it runs as its own process
 
 MODEL = "paced-model"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: _PacedServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:
-        return None
-
-    def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path.endswith("/health"):
-            self._json(200, {"status": "ok"})
+            self._reply(200, {"status": "ok"})
         elif self.path.endswith("/v1/models"):
-            self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+            self._reply(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         elif self.path.endswith("/stats"):
-            self._json(200, self.server.stats())
+            self._reply(200, self.server.stats())
         else:
-            self._json(404, {"error": {"message": f"no route {self.path}"}})
+            self._reply(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
         if not self.path.endswith("/chat/completions") or not body.get("stream"):
-            self._json(400, {"error": {"message": "this server only streams /v1/chat/completions"}})
+            self._reply(400, {"error": {"message": "this server only streams /v1/chat/completions"}})
             return
         tokens = min(int(body.get("max_tokens") or self.server.tokens), self.server.tokens)
         self.send_response(200)
